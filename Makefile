@@ -1,0 +1,16 @@
+# The two commands of the README. Both create the environment in .venv on first use (and reuse it
+# afterwards: scripts/setup_env.sh reinstalls only when pyproject.toml changes).
+PY := .venv/bin/python
+
+.PHONY: main test env
+
+env:
+	@bash scripts/setup_env.sh
+
+# The main job on the embedded default (the arith proving ground).
+main: env
+	$(PY) launch/main.py --config configs/arith/main.yaml $(ARGS)
+
+# The test suite (what CI runs).
+test: env
+	$(PY) -m pytest tests $(ARGS)

@@ -1,0 +1,53 @@
+"""The tiny policy's build time and greedy accuracy on held-out arith test problems.
+
+    python benchmarks/tiny_policy.py --output tiny_policy.json [--fresh] [--problems 500]
+
+With --fresh the policy is built from nothing into a temporary cache (the build-time figure);
+otherwise the cached one is used. Targets (issue): build at most 10 minutes on 2 CPU cores,
+greedy accuracy between 30% and 75%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--problems", type=int, default=500)
+    parser.add_argument("--fresh", action="store_true", help="build into an empty cache and time it")
+    args = parser.parse_args()
+
+    from treetune.data import PromptTemplate, load_problems
+    from treetune.rewards.evaluation import greedy_eval
+    from treetune.rollouts.engines import VLLMEngine
+    from treetune.trainers.tiny_policy import tiny_policy
+
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.time()
+        path = tiny_policy(cache_dir=scratch if args.fresh else None, quiet=True)
+        result["build_seconds" if args.fresh else "load_seconds"] = round(time.time() - started, 1)
+        train_metrics = json.loads((Path(path) / "train_metrics.json").read_text())
+        result["train_runtime_seconds"] = train_metrics.get("train_runtime")
+        result["num_parameters"] = train_metrics.get("num_parameters")
+        problems = load_problems("arith", "test", limit=args.problems)
+        started = time.time()
+        with VLLMEngine(path) as engine:
+            result["vllm_load_seconds"] = round(time.time() - started, 1)
+            started = time.time()
+            metrics, _ = greedy_eval(engine, engine.tokenizer, problems, PromptTemplate(style="bare"), max_tokens=128)
+            result["eval_seconds"] = round(time.time() - started, 1)
+        result.update(metrics)
+    result["targets"] = {"accuracy_between": [0.30, 0.75], "build_seconds_at_most": 600}
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Recipes (YAML), shipped inside the package as `treetune.configs` so library calls can find them."""

@@ -1,0 +1,125 @@
+"""Reading JSON / JSONL record files with errors that name the file, line and field.
+
+`datasets.load_dataset("json")` is the right tool for big files whose schema is known to be good,
+but its errors name neither the line nor the field. Problem files are small and often hand-made,
+so they are read here line by line: a malformed line or a missing field raises `DataError` naming
+all three, or, when the caller asks to skip bad rows, is collected into a report that says how
+many were skipped and why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class DataError(ValueError):
+    """A problem with one record of a data file: where it is and what is wrong."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str, field: str | None = None):
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f"field '{field}': {message}" if field else message
+        super().__init__(f"{where}: {what}")
+
+
+@dataclass
+class SkipReport:
+    """Rows left out because the caller asked to skip bad rows; never silent."""
+
+    skipped: list[DataError] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no rows skipped"
+        lines = [f"skipped {len(self.skipped)} bad row(s):"]
+        lines += [f"  {err}" for err in self.skipped[:20]]
+        if len(self.skipped) > 20:
+            lines.append(f"  ... and {len(self.skipped) - 20} more")
+        return "\n".join(lines)
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) from a .jsonl file, or (item index + 1, record) from a .json array.
+
+    Blank lines are allowed; anything else that is not a JSON object raises `DataError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, "file not found")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(path, err.lineno, f"invalid JSON ({err.msg})") from None
+        if isinstance(items, dict):
+            items = [items]
+        if not isinstance(items, list):
+            raise DataError(path, None, "expected a JSON array of objects")
+        for index, item in enumerate(items, start=1):
+            if not isinstance(item, dict):
+                raise DataError(path, index, f"item {index} is a {type(item).__name__}, not an object")
+            yield index, item
+        return
+    with path.open(encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def require(record: dict[str, Any], name: str, path: str | Path, line: int, kind: type | tuple = str) -> Any:
+    """Return record[name], or raise `DataError` if it is missing, null or of the wrong type."""
+    if name not in record or record[name] is None:
+        raise DataError(path, line, "missing", field=name)
+    value = record[name]
+    if not isinstance(value, kind):
+        raise DataError(path, line, f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}", field=name)
+    return value
+
+
+def read_records(
+    path: str | Path,
+    convert: Callable[[dict[str, Any], int], T],
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> tuple[list[T], SkipReport]:
+    """Read every record of `path` through `convert(record, line)`.
+
+    `convert` raises `DataError` (or KeyError / ValueError, which are wrapped) for a bad row.
+    With `skip_bad`, bad rows are collected in the returned report instead of raising; a line
+    that is not JSON at all is always fatal, since the rest of the file cannot be trusted either.
+    """
+    out: list[T] = []
+    report = SkipReport()
+    for line, record in iter_records(path):
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            out.append(convert(record, line))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            report.skipped.append(err)
+        except (KeyError, ValueError, TypeError) as err:
+            wrapped = DataError(path, line, str(err))
+            if not skip_bad:
+                raise wrapped from err
+            report.skipped.append(wrapped)
+    return out, report

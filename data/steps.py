@@ -1,0 +1,37 @@
+"""Splitting a solution into reasoning steps: on blank lines, on lines, on `Step k:` markers, or a regex."""
+
+from __future__ import annotations
+
+import re
+
+_STEP_MARKER = re.compile(r"(?im)^\s*step\s*\d+\s*[:.]")
+MODES = ("blank_line", "line", "step_k", "regex")
+
+
+def split_steps(text: str, mode: str = "blank_line", pattern: str | None = None) -> list[str]:
+    """The non-empty steps of `text`, stripped of surrounding white space.
+
+    - `blank_line`: steps are separated by one or more blank lines (MATH, PRM800K, Qwen PRM style);
+    - `line`: one step per line (GSM8K gold solutions, the arith task);
+    - `step_k`: each step starts with "Step k:" (ThinkPRM / ProcessBench style); the marker is kept;
+      text before the first marker, if any, is a step of its own;
+    - `regex`: split on `pattern` (a separator regex).
+    """
+    if mode == "blank_line":
+        parts = re.split(r"\n\s*\n", text)
+    elif mode == "line":
+        parts = text.split("\n")
+    elif mode == "step_k":
+        starts = [m.start() for m in _STEP_MARKER.finditer(text)]
+        if not starts:
+            parts = [text]
+        else:
+            bounds = ([0] if starts[0] > 0 else []) + starts + [len(text)]
+            parts = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    elif mode == "regex":
+        if not pattern:
+            raise ValueError("step mode 'regex' needs a pattern")
+        parts = re.split(pattern, text)
+    else:
+        raise ValueError(f"unknown step mode {mode!r}; expected one of {', '.join(MODES)}")
+    return [p.strip() for p in parts if p and p.strip()]

