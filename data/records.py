@@ -10,7 +10,7 @@ many were skipped and why.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,32 +94,44 @@ def require(record: dict[str, Any], name: str, path: str | Path, line: int, kind
     return value
 
 
+def convert_rows(
+    rows: Iterable[tuple[int, dict[str, Any]]],
+    convert: Callable[[dict[str, Any], int], T],
+    where: str | Path,
+    skip_bad: bool = False,
+    limit: int | None = None,
+    report: SkipReport | None = None,
+) -> tuple[list[T], SkipReport]:
+    """`convert(record, line)` over (line, record) pairs, up to `limit` converted rows.
+
+    `convert` raises `DataError` (or KeyError / ValueError / TypeError, which are wrapped with
+    `where` and the line) for a bad row. With `skip_bad`, bad rows go into the report instead.
+    """
+    out: list[T] = []
+    report = report if report is not None else SkipReport()
+    for line, record in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            out.append(convert(record, line))
+        except (DataError, KeyError, ValueError, TypeError) as err:
+            if not isinstance(err, DataError):
+                err = DataError(where, line, str(err))
+            if not skip_bad:
+                raise err
+            report.skipped.append(err)
+    return out, report
+
+
 def read_records(
     path: str | Path,
     convert: Callable[[dict[str, Any], int], T],
     skip_bad: bool = False,
     limit: int | None = None,
 ) -> tuple[list[T], SkipReport]:
-    """Read every record of `path` through `convert(record, line)`.
+    """Read every record of `path` through `convert(record, line)` (see `convert_rows`).
 
-    `convert` raises `DataError` (or KeyError / ValueError, which are wrapped) for a bad row.
-    With `skip_bad`, bad rows are collected in the returned report instead of raising; a line
-    that is not JSON at all is always fatal, since the rest of the file cannot be trusted either.
+    A line that is not JSON at all is always fatal, even with `skip_bad`: the rest of the file
+    cannot be trusted either.
     """
-    out: list[T] = []
-    report = SkipReport()
-    for line, record in iter_records(path):
-        if limit is not None and len(out) >= limit:
-            break
-        try:
-            out.append(convert(record, line))
-        except DataError as err:
-            if not skip_bad:
-                raise
-            report.skipped.append(err)
-        except (KeyError, ValueError, TypeError) as err:
-            wrapped = DataError(path, line, str(err))
-            if not skip_bad:
-                raise wrapped from err
-            report.skipped.append(wrapped)
-    return out, report
+    return convert_rows(iter_records(path), convert, path, skip_bad, limit)

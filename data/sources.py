@@ -14,7 +14,7 @@ from typing import Any
 
 from .answers import gsm8k_answer, last_boxed
 from .problem import Problem
-from .records import DataError, SkipReport, read_records, require
+from .records import DataError, SkipReport, convert_rows, read_records, require
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +102,6 @@ def _from_hub(name: str, config: str | None, split: str) -> Iterable[Mapping[str
     return datasets.load_dataset(name, config, split=split)
 
 
-def _convert_rows(rows: Iterable[Mapping[str, Any]], convert, limit: int | None, skip_bad: bool, report: SkipReport) -> list[Problem]:
-    out = []
-    for index, row in enumerate(rows, start=1):
-        if limit is not None and len(out) >= limit:
-            break
-        try:
-            out.append(convert(row, index))
-        except DataError as err:
-            if not skip_bad:
-                raise
-            report.skipped.append(err)
-    return out
-
-
 def load_problems(
     source: str,
     split: str = "test",
@@ -154,10 +140,10 @@ def load_problems(
         problems, report = read_records(path, convert, skip_bad=skip_bad, limit=limit)
     elif source == "gsm8k":
         rows = _from_hub(*GSM8K_HUB, split=split)
-        problems = _convert_rows(rows, lambda r, i: gsm8k_row(r, i, split), limit, skip_bad, report)
+        problems, _ = convert_rows(enumerate(rows, 1), lambda r, i: gsm8k_row(r, i, split), GSM8K_HUB[0], skip_bad, limit, report)
     elif source == "math500":
         rows = _from_hub(MATH500_HUB, None, split="test")
-        problems = _convert_rows(rows, lambda r, i: math_row(r, i, "test", MATH500_HUB), limit, skip_bad, report)
+        problems, _ = convert_rows(enumerate(rows, 1), lambda r, i: math_row(r, i, "test", MATH500_HUB), MATH500_HUB, skip_bad, limit, report)
     elif source == "math":
         problems = []
         for config in MATH_SUBJECT_CONFIGS:
@@ -166,7 +152,7 @@ def load_problems(
             if remaining == 0:
                 break
             convert = lambda r, i, c=config: math_row(r, i, f"{split}-{c}", f"{MATH_HUB}/{c}")  # noqa: E731
-            problems += _convert_rows(rows, convert, remaining, skip_bad, report)
+            problems += convert_rows(enumerate(rows, 1), convert, f"{MATH_HUB}/{config}", skip_bad, remaining, report)[0]
     else:
         raise ValueError("source 'jsonl' needs a path")
     if report.skipped:

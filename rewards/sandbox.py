@@ -21,6 +21,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,24 +44,53 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
-            text=True,
-            bufsize=1,
+            bufsize=0,
         )
+        self._pending = b""  # bytes read from the worker beyond the last full line
 
-    def call(self, fn: str, args: Sequence[Any], timeout: float) -> CallResult:
+    def call_batch(self, fn: str, arg_lists: Sequence[Sequence[Any]], timeout: float) -> list[CallResult]:
+        """Run `fn` on each argument list in turn; each result must arrive within `timeout`.
+
+        Returns the results up to and including the first call that timed out or killed the
+        worker; the caller retries the rest elsewhere.
+        """
         try:
-            self.proc.stdin.write(json.dumps({"fn": fn, "args": list(args)}) + "\n")
+            self.proc.stdin.write((json.dumps({"fn": fn, "batch": [list(a) for a in arg_lists]}) + "\n").encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            return CallResult(False, error="worker died before the call")
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return CallResult(False, error=f"timed out after {timeout:g}s")
-        line = self.proc.stdout.readline()
-        if not line:
-            return CallResult(False, error=f"worker died (exit code {self.proc.poll()}), e.g. out of memory")
-        reply = json.loads(line)
-        return CallResult(reply["ok"], reply.get("value"), reply.get("error"))
+            return [CallResult(False, error="worker died before the call")]
+        results: list[CallResult] = []
+        for _ in arg_lists:
+            line = self._read_line(timeout)
+            if line is None:
+                results.append(CallResult(False, error=f"timed out after {timeout:g}s"))
+                return results
+            if not line:
+                self.proc.wait()
+                results.append(CallResult(False, error=f"worker died (exit code {self.proc.returncode}), e.g. out of memory"))
+                return results
+            reply = json.loads(line)
+            results.append(CallResult(reply["ok"], reply.get("value"), reply.get("error")))
+        return results
+
+    def _read_line(self, timeout: float) -> bytes | None:
+        """The next line from the worker; b"" at end of stream, None if none came within `timeout`.
+
+        Reads the raw pipe itself: a buffered reader could hold the next answers in its buffer
+        where `select` cannot see them.
+        """
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b""
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -106,37 +136,53 @@ class SandboxPool:
             if worker in self._all:
                 self._all.remove(worker)
 
+    def _run_chunk(self, fn: str, arg_lists: Sequence[Sequence[Any]], timeout: float,
+                   on_done: Callable[[int], None] | None) -> list[CallResult]:
+        """All of `arg_lists` through one worker, replacing it whenever a call hangs or kills it."""
+        worker = self._idle.get()
+        results: list[CallResult] = []
+        try:
+            while len(results) < len(arg_lists):
+                if worker is None or not worker.alive():
+                    if worker is not None:
+                        self._retire(worker)
+                    worker = self._spawn()
+                got = worker.call_batch(fn, arg_lists[len(results):], timeout)
+                results += got
+                if on_done is not None:
+                    on_done(len(got))
+                last = got[-1]
+                if not last.ok and (last.error or "").startswith(("timed out", "worker died")):
+                    self._retire(worker)  # a worker stuck in C code cannot be trusted again
+                    worker = None
+            return results
+        finally:
+            self._idle.put(worker)
+
     def call(self, fn: str, args: Sequence[Any] = (), timeout: float | None = None) -> CallResult:
         """Run `fn(*args)` in a worker; never takes much longer than `timeout` seconds."""
         if self._closed:
             raise RuntimeError("the sandbox pool is closed")
-        worker = self._idle.get()
-        try:
-            if worker is None or not worker.alive():
-                if worker is not None:
-                    self._retire(worker)
-                worker = self._spawn()
-            result = worker.call(fn, args, self.timeout if timeout is None else timeout)
-            if not result.ok and (result.error or "").startswith(("timed out", "worker died")):
-                self._retire(worker)  # a worker stuck in C code cannot be trusted again
-                worker = None
-            return result
-        finally:
-            self._idle.put(worker)
+        return self._run_chunk(fn, [args], self.timeout if timeout is None else timeout, None)[0]
 
     def map(self, fn: str, arg_lists: Iterable[Sequence[Any]], timeout: float | None = None,
-            on_done: Callable[[int], None] | None = None) -> list[CallResult]:
-        """`call` for every argument list, `size` at a time; results in input order."""
+            on_done: Callable[[int], None] | None = None, chunk_size: int = 64) -> list[CallResult]:
+        """`fn` on every argument list, in chunks spread over the workers; results in input order.
+
+        Each call still has its own time bound: a worker answers call by call, and one that
+        overruns is replaced and the rest of its chunk goes on in the new worker.
+        """
+        if self._closed:
+            raise RuntimeError("the sandbox pool is closed")
         arg_lists = list(arg_lists)
-
-        def one(args):
-            result = self.call(fn, args, timeout)
-            if on_done is not None:
-                on_done(1)
-            return result
-
+        if not arg_lists:
+            return []
+        per_call = self.timeout if timeout is None else timeout
+        size = max(1, min(chunk_size, -(-len(arg_lists) // (self.size * 4))))
+        chunks = [arg_lists[i:i + size] for i in range(0, len(arg_lists), size)]
         with ThreadPoolExecutor(max_workers=self.size) as executor:
-            return list(executor.map(one, arg_lists))
+            done = executor.map(lambda chunk: self._run_chunk(fn, chunk, per_call, on_done), chunks)
+            return [result for chunk_results in done for result in chunk_results]
 
     def close(self) -> None:
         self._closed = True

@@ -22,13 +22,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-echo "[setup] creating $VENV ($flavour build)" >&2
+echo "[setup] installing treetune into $VENV ($flavour build; a few minutes the first time)" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# pip, minus the notes this machine's pip config prints for every package it looks up.
+# pip with its chatter (build-backend notices) kept in a log that is shown only if pip fails.
+log="$VENV/setup.log"
+: >"$log"
 pip() {
-  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  return "${PIPESTATUS[0]}"
+  if ! "$VENV/bin/python" -m pip --disable-pip-version-check "$@" >>"$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -40 >&2
+    echo "[setup] pip $* failed; full log in $log" >&2
+    return 1
+  fi
 }
 pip install -q --upgrade "pip>=24"
 # torch first and pinned: a bare torch requirement from another package would pull a CUDA build.

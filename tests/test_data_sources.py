@@ -122,3 +122,27 @@ def test_step_splitting():
     assert split_steps("a ки b ки", "regex", pattern=r"\s*ки\s*") == ["a", "b"]
     with pytest.raises(ValueError):
         split_steps("a", "regex")
+
+
+def test_hub_rows_convert(shared_data, monkeypatch):
+    # No network here: the hub loader is pointed at the same files through `datasets`, so the
+    # rows arrive exactly as `datasets.load_dataset` yields them from the hub.
+    import datasets
+
+    from treetune.data import sources
+
+    files = {"openai/gsm8k": shared_data / "gsm8k" / "test.jsonl", sources.MATH500_HUB: shared_data / "math500" / "test.jsonl"}
+    monkeypatch.setattr(sources, "_from_hub", lambda name, config, split: datasets.load_dataset(
+        "json", data_files=str(files[name]), split="train"))
+    gsm8k = load_problems("gsm8k", "test", limit=5)
+    assert [p.answer for p in gsm8k][:2] == ["18", "3"]
+    math500 = load_problems("math500", limit=3)
+    assert math500[0].extra["subject"] == "Precalculus"
+
+
+def test_full_math_release_row_layout():
+    from treetune.data.sources import math_row
+
+    row = {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "level": "Level 3", "type": "Algebra"}
+    problem = math_row(row, 4, "train-algebra")
+    assert (problem.answer, problem.extra, problem.id) == ("2", {"level": 3, "subject": "Algebra"}, "math-train-algebra-4")

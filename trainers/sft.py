@@ -165,11 +165,12 @@ def run_sft(args: SFTScriptArguments, training_args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from trl import SFTConfig, TrlParser
+    from trl import SFTConfig
+
+    from .cli import parse_recipe
 
     logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
-    parser = TrlParser((SFTScriptArguments, SFTConfig))
-    script_args, training_args = parser.parse_args_and_config(argv)
+    script_args, training_args = parse_recipe((SFTScriptArguments, SFTConfig), argv)
     return run_sft(script_args, training_args)
 
 
