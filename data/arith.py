@@ -8,7 +8,7 @@ and its gold solution is one equation a line, ending in the usual boxed answer:
 
     7+5=12
     12-3=9
-    The answer is \\boxed{9}.
+    The answer is \\boxed{9}
 
 `check_solution` reads any model-written solution and returns the index of its first wrong step
 (wrong arithmetic, a wrong number carried over or taken from the story, a malformed or missing
@@ -36,7 +36,7 @@ PHRASES = {
 }
 _EQUATION = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(\d+)\s*\.?\s*$")
 SPLITS = ("train", "validation", "test")
-GENERATOR_VERSION = 1  # bump when the generator's output changes: cached tiny policies are rebuilt
+GENERATOR_VERSION = 2  # bump when the generator's output changes: cached tiny policies are rebuilt
 DEFAULT_SIZES = {"train": 50_000, "validation": 1_000, "test": 1_000}
 
 
@@ -88,7 +88,7 @@ def gold_solution(start: int, ops: list[tuple[str, int]]) -> tuple[str, int]:
         result = _apply(value, op, operand)
         lines.append(f"{value}{op}{operand}={result}")
         value = result
-    lines.append(f"The answer is \\boxed{{{value}}}.")
+    lines.append(f"The answer is \\boxed{{{value}}}")
     return "\n".join(lines), value
 
 

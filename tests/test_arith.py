@@ -39,7 +39,7 @@ def test_problem_shape(test_set):
     for p in test_set:
         lines = split_steps(p.solution, "line")
         assert len(lines) == p.extra["num_steps"] + 1
-        assert lines[-1] == f"The answer is \\boxed{{{p.answer}}}."
+        assert lines[-1] == f"The answer is \\boxed{{{p.answer}}}"
         assert 0 <= int(p.answer) <= 40
 
 

@@ -32,6 +32,10 @@ class SFTScriptArguments:
     num_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     prompt_style: str = field(default="plain", metadata={"help": "plain, chat or bare (see treetune.data.prompts)."})
     data_seed_offset: int = field(default=0, metadata={"help": "Generator seed of the arith source."})
+    stop_at_accuracy: float | None = field(default=None, metadata={"help": "Stop once greedy accuracy on held-out problems reaches this."})
+    accuracy_eval_every: int = 25
+    accuracy_eval_problems: int = 200
+    accuracy_eval_split: str = "validation"
     # Building a model from scratch (only when model_name_or_path is empty).
     tokenizer_vocab_size: int = 512
     tokenizer_corpus_size: int = 5000
@@ -146,18 +150,32 @@ def run_sft(args: SFTScriptArguments, training_args) -> Path:
     (output_dir / "recipe.json").write_text(json.dumps(
         {"script": asdict(args), "training": training_args.to_dict()}, indent=2, default=str))
 
+    callbacks = []
+    if args.stop_at_accuracy is not None:
+        from treetune.data import PromptTemplate, load_problems
+
+        from .accuracy_stop import StopAtAccuracy
+
+        held_out = load_problems(args.dataset_source, args.accuracy_eval_split, limit=args.accuracy_eval_problems,
+                                 seed=args.data_seed_offset)
+        template = PromptTemplate(style=args.prompt_style)
+        callbacks.append(StopAtAccuracy(tokenizer, [template.render(p.question, tokenizer) for p in held_out],
+                                        [p.answer for p in held_out], args.stop_at_accuracy, args.accuracy_eval_every))
     trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(str(output_dir))  # gathers 16-bit weights under ZeRO-3 (stage3_gather_16bit_weights_on_model_save)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(output_dir))
-        metrics = dict(result.metrics, num_records=len(records),
+        metrics = dict(result.metrics, num_records=len(records), steps=trainer.state.global_step,
                        num_parameters=sum(p.numel() for p in model.parameters()))
+        if callbacks:
+            metrics["held_out_accuracy"] = callbacks[0].history
         (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     del trainer
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -29,6 +29,7 @@ class SamplingSettings:
 class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    group: str | None = None  # requests of one group (a tree) share prefixes: engines keep them together
 
 
 @dataclass
@@ -45,7 +46,23 @@ class RequestResult:
     prompt_tokens: int = 0
 
 
+@dataclass
+class EngineCounters:
+    """Running totals an engine keeps, for summaries (prompt tokens as sent, before prefix caching)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def add(self, results: Sequence[RequestResult]) -> None:
+        self.requests += len(results)
+        self.prompt_tokens += sum(r.prompt_tokens for r in results)
+        self.generated_tokens += sum(len(c.token_ids) for r in results for c in r.completions)
+
+
 class Engine(Protocol):
+    counters: EngineCounters
+
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
         """Results in request order."""
         ...

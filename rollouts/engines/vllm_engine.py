@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .base import Completion, GenerationRequest, RequestResult
+from .base import Completion, EngineCounters, GenerationRequest, RequestResult
 
 
 def _on_cpu() -> bool:
@@ -22,7 +22,7 @@ def _on_cpu() -> bool:
         return True
 
 
-def _context_length(model: str, requested: int | None, cap: int | None) -> int | None:
+def context_length(model: str, requested: int | None, cap: int | None) -> int | None:
     """The requested context length, never past what the model supports; on a CPU at most `cap`
     unless asked, since the KV cache there is small."""
     try:
@@ -53,7 +53,7 @@ class VLLMEngine:
         from vllm import LLM
 
         cpu = _on_cpu()
-        max_model_len = _context_length(model, max_model_len, cap=4096 if cpu else None)
+        max_model_len = context_length(model, max_model_len, cap=4096 if cpu else None)
         kwargs = dict(
             model=model,
             dtype=dtype,
@@ -61,6 +61,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
+            disable_log_stats=False,  # keeps the prefix-cache counters that rollout summaries report
             tensor_parallel_size=tensor_parallel_size,
         )
         if cpu:
@@ -68,6 +69,10 @@ class VLLMEngine:
             kv_gb = kv_cache_gb if kv_cache_gb is not None else float(os.environ.get("TREETUNE_KV_CACHE_GB", "1"))
             kwargs["kv_cache_memory_bytes"] = int(kv_gb * 1024**3)
             kwargs["enforce_eager"] = True if enforce_eager is None else enforce_eager
+            # vLLM's CPU backend crashes when a seeded request's prefill is split over steps
+            # ("CPU Generator does not use offset"), so prefills are never split there.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(8192, max_model_len or 0)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             if kv_cache_gb is not None:
@@ -76,6 +81,7 @@ class VLLMEngine:
                 kwargs["enforce_eager"] = enforce_eager
         kwargs.update(llm_kwargs)
         self.model = model
+        self.counters = EngineCounters()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -106,7 +112,19 @@ class VLLMEngine:
                     logprobs = [step[token].logprob for step, token in zip(c.logprobs, c.token_ids)]
                 completions.append(Completion(list(c.token_ids), c.text, logprobs, c.finish_reason or "stop"))
             results.append(RequestResult(completions, len(out.prompt_token_ids or [])))
+        self.counters.add(results)
         return results
+
+    def prefix_cache_stats(self) -> dict[str, float] | None:
+        """Prefix-cache token queries and hits since start, from vLLM's metrics (None if absent)."""
+        try:
+            metrics = {m.name: getattr(m, "value", None) for m in self.llm.get_metrics()}
+        except Exception:  # noqa: BLE001 - metrics are a report, never a failure
+            return None
+        queries, hits = metrics.get("vllm:prefix_cache_queries"), metrics.get("vllm:prefix_cache_hits")
+        if queries is None or hits is None:
+            return None
+        return {"queries": float(queries), "hits": float(hits), "hit_rate": float(hits) / float(queries) if queries else 0.0}
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()

@@ -1,0 +1,41 @@
+"""Problems -> reasoning trees on disk (TreePO segment trees or flat samples), resumable.
+
+    python launch/rollout.py --config configs/rollout/treepo.yaml [--field value ...]
+
+Writes to --output_dir: `trees/trees-*.jsonl` (one tree a line), `config.json`, `metrics.json`
+(problems, trajectories, decoded and prompt tokens, prefix-cache hit rate, trajectories per
+second, outcome accuracy). Run it again on the same folder to resume.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from trl import TrlParser
+
+    from treetune.data import PromptTemplate, load_problems
+    from treetune.data.arith import tiny_policy
+    from treetune.rewards.grading import Grader
+    from treetune.rewards.outcome import score_outcomes
+    from treetune.rollouts.job import RolloutArgs, make_engine, run_rollout
+
+    (args,) = TrlParser((RolloutArgs,)).parse_args_and_config(argv)
+    model = args.model_name_or_path or tiny_policy()
+    problems = load_problems(args.source, args.split, path=args.data_path, limit=args.limit, seed=0)
+    engine = make_engine(args, model)
+    style = args.prompt_style or ("bare" if not args.model_name_or_path else
+                                  "chat" if getattr(engine.tokenizer, "chat_template", None) else "plain")
+    try:
+        with Grader() as grader:
+            scorer = (lambda trees: score_outcomes(trees, grader)) if args.grade else None
+            summary = run_rollout(args, engine, engine.tokenizer, problems, PromptTemplate(style=style), scorer)
+    finally:
+        engine.close()
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

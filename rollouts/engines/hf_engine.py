@@ -1,0 +1,90 @@
+"""`HFEngine`: the engine contract on `transformers.generate`, for machines where vLLM cannot run.
+
+Slower than vLLM (no paged KV cache, no prefix caching) but the same results format: per request
+n completions with token ids, text, the processed log-probs of the sampled tokens (after
+temperature and top-p, as vLLM's `processed_logprobs`) and a finish reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .base import Completion, EngineCounters, GenerationRequest, RequestResult
+
+
+class HFEngine:
+    def __init__(self, model: str, dtype: str = "float32", device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.eos_ids = {self.tokenizer.eos_token_id} | set(
+            i for i in ([self.model.generation_config.eos_token_id] if isinstance(self.model.generation_config.eos_token_id, int)
+                        else (self.model.generation_config.eos_token_id or [])) if i is not None)
+        self.model_name = model
+        self.counters = EngineCounters()
+
+    def _one(self, request: GenerationRequest) -> RequestResult:
+        import torch
+
+        s = request.sampling
+        prompt = torch.tensor([request.prompt_ids] * s.n, device=self.device)
+        greedy = s.temperature == 0
+        with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+            out = self.model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=not greedy,
+                temperature=None if greedy else s.temperature,
+                top_p=None if greedy else s.top_p,
+                top_k=0 if not greedy else None,
+                max_new_tokens=s.max_tokens,
+                output_scores=True,
+                return_dict_in_generate=True,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+                stop_strings=list(s.stop) or None,
+                tokenizer=self.tokenizer if s.stop else None,
+            )
+        new = out.sequences[:, prompt.shape[1]:]
+        # scores are the processed logits (after temperature / top-p), one tensor per step
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1) if s.logprobs else None
+        completions = []
+        for row in range(s.n):
+            ids = new[row].tolist()
+            reason = "length"
+            for position, token in enumerate(ids):
+                if token in self.eos_ids:
+                    ids, reason = ids[: position + 1], "stop"
+                    break
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if s.stop and reason == "length":
+                for stop in s.stop:
+                    if stop in text:
+                        text, reason = text[: text.index(stop)], "stop"
+                        break
+            token_logprobs = None
+            if logprobs is not None:
+                token_logprobs = [float(logprobs[row, i, t]) for i, t in enumerate(ids)]
+            completions.append(Completion(ids, text, token_logprobs, reason))
+        return RequestResult(completions, len(request.prompt_ids))
+
+    def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
+        from tqdm.auto import tqdm
+
+        results = [self._one(r) for r in tqdm(requests, desc="generating", disable=not progress)]
+        self.counters.add(results)
+        return results
+
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self) -> "HFEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

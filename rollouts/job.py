@@ -1,0 +1,148 @@
+"""A rollout run: problems in, trees on disk out, resumable, with a summary.
+
+Problems go to the sampler in batches; each tree is scored (when a scorer is given) and written
+the moment it is finished, so a killed run restarted on the same output folder skips every
+problem whose tree is already on disk and repairs a half-written shard (see `tree_io`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from treetune.data import Problem, PromptTemplate
+
+from .flat import FlatSampler, FlatSettings
+from .tree import ReasoningTree
+from .tree_io import TreeWriter, read_trees
+from .treepo import TreePOSampler, TreePOSettings
+
+
+@dataclass
+class RolloutArgs:
+    output_dir: str = "outputs/rollout"
+    model_name_or_path: str | None = None  # empty: the arith tiny policy
+    engine: str = "vllm"  # vllm | hf
+    source: str = "arith"
+    split: str = "test"
+    data_path: str | None = None
+    limit: int | None = 200
+    prompt_style: str | None = None  # empty: bare for the tiny policy, chat when the tokenizer has a template, else plain
+    sampler: str = "treepo"  # treepo | flat
+    trajectories: int = 16  # finished trajectories per problem (flat: samples per problem)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256  # per trajectory
+    seed: int = 0
+    segment_tokens: int = 8
+    max_depth: int = 16
+    branch: int = 2
+    init_divergence: int = 2
+    init_divergence_max: int | None = None
+    budget: str = "even"
+    logprob_temperature: float = 2.0
+    favour: str = "low"
+    stop_on_boxed: bool = True
+    fallback: bool = True
+    batch_problems: int = 64
+    shard_size: int = 256
+    grade: bool = True
+    kv_cache_gb: float | None = None
+
+
+def make_sampler(args: RolloutArgs):
+    if args.sampler == "flat":
+        return FlatSampler(FlatSettings(n=args.trajectories, temperature=args.temperature, top_p=args.top_p,
+                                        max_tokens=args.max_tokens, seed=args.seed))
+    if args.sampler == "treepo":
+        return TreePOSampler(TreePOSettings(
+            trajectories=args.trajectories, segment_tokens=args.segment_tokens, max_depth=args.max_depth,
+            max_response_tokens=args.max_tokens, branch=args.branch, init_divergence=args.init_divergence,
+            init_divergence_max=args.init_divergence_max, budget=args.budget,
+            logprob_temperature=args.logprob_temperature, favour=args.favour, stop_on_boxed=args.stop_on_boxed,
+            fallback=args.fallback, temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    raise ValueError(f"unknown sampler {args.sampler!r}; expected treepo or flat")
+
+
+def make_engine(args: RolloutArgs, model: str):
+    if args.engine == "vllm":
+        from .engines import VLLMEngine
+
+        return VLLMEngine(model, seed=args.seed, kv_cache_gb=args.kv_cache_gb)
+    if args.engine == "hf":
+        from .engines import HFEngine
+
+        return HFEngine(model)
+    raise ValueError(f"unknown engine {args.engine!r}; expected vllm or hf")
+
+
+def new_tree(problem: Problem, template: PromptTemplate, tokenizer) -> ReasoningTree:
+    prompt = template.render(problem.question, tokenizer)
+    return ReasoningTree(problem_id=problem.id, prompt=prompt, prompt_ids=template.render_ids(problem.question, tokenizer),
+                         answer=problem.answer, problem={"question": problem.question, "source": problem.source, **problem.extra})
+
+
+def summarise(trees: Sequence[ReasoningTree], seconds: float | None = None) -> dict:
+    """Counts over finished trees: trajectories, decoded tokens, outcome rates when scored."""
+    leaves = [leaf for tree in trees for leaf in tree.leaves()]
+    decoded = sum(tree.decoded_tokens() for tree in trees)
+    summary = {
+        "problems": len(trees),
+        "trajectories": len(leaves),
+        "decoded_tokens": decoded,
+        "decoded_tokens_per_trajectory": decoded / max(1, len(leaves)),
+        "trajectory_tokens_mean": sum(len(t.path_token_ids(l.id)) for t in trees for l in t.leaves()) / max(1, len(leaves)),
+        "finish_reasons": {},
+    }
+    for leaf in leaves:
+        summary["finish_reasons"][leaf.finish_reason] = summary["finish_reasons"].get(leaf.finish_reason, 0) + 1
+    scored = [t for t in trees if t.leaves() and all("outcome" in l.scores for l in t.leaves())]
+    if scored:
+        summary["trajectory_accuracy"] = sum(l.scores["outcome"] for t in scored for l in t.leaves()) / sum(len(t.leaves()) for t in scored)
+        summary["pass_at_all"] = sum(any(l.scores["outcome"] for l in t.leaves()) for t in scored) / len(scored)
+    if seconds:
+        summary["seconds"] = round(seconds, 2)
+        summary["trajectories_per_second"] = len(leaves) / seconds
+    return summary
+
+
+def run_rollout(args: RolloutArgs, engine, tokenizer, problems: Sequence[Problem], template: PromptTemplate,
+                score_tree: Callable[[list[ReasoningTree]], None] | None = None, progress: bool = True) -> dict:
+    """Grow trees for `problems` not yet on disk in `args.output_dir/trees`; returns the summary."""
+    from tqdm.auto import tqdm
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    sampler = make_sampler(args)
+    stats_before = engine.prefix_cache_stats() if hasattr(engine, "prefix_cache_stats") else None
+    prompt_tokens_before = engine.counters.prompt_tokens
+    started = time.time()
+    with TreeWriter(out / "trees", shard_size=args.shard_size) as writer:
+        todo = [p for p in problems if p.id not in writer.done]
+        bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"{sampler.name} trees",
+                   unit="tree", disable=not progress)
+        for start in range(0, len(todo), args.batch_problems):
+            batch = [new_tree(p, template, tokenizer) for p in todo[start:start + args.batch_problems]]
+            for tree in sampler.grow(engine, batch):
+                if score_tree is not None:
+                    score_tree([tree])
+                writer.write(tree)
+                bar.update(1)
+        bar.close()
+    seconds = time.time() - started
+    trees = [t for t in read_trees(out / "trees") if t.problem_id in {p.id for p in problems}]
+    summary = summarise(trees)
+    summary["new_trees"] = len(todo)
+    summary["seconds_this_run"] = round(seconds, 2)
+    summary["prompt_tokens_sent_this_run"] = engine.counters.prompt_tokens - prompt_tokens_before
+    if todo:
+        summary["new_trajectories_per_second"] = sum(len(t.leaves()) for t in trees if t.problem_id in {p.id for p in todo}) / seconds
+    stats_after = engine.prefix_cache_stats() if hasattr(engine, "prefix_cache_stats") else None
+    if stats_before and stats_after and stats_after["queries"] > stats_before["queries"]:
+        summary["prefix_cache_hit_rate"] = (stats_after["hits"] - stats_before["hits"]) / (stats_after["queries"] - stats_before["queries"])
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary
