@@ -21,9 +21,13 @@ TREEPO_VARIANTS = {
     "seg8_even": dict(segment_tokens=8),
     "seg4_even": dict(segment_tokens=4, max_depth=32),
     "seg16_even": dict(segment_tokens=16),
+    "seg8_logprob_low": dict(segment_tokens=8, branch=4, budget="logprob", favour="low"),
+    "seg8_logprob_high": dict(segment_tokens=8, branch=4, budget="logprob", favour="high"),
+    "seg8_init4": dict(segment_tokens=8, init_divergence=4),
+    "seg16_init4": dict(segment_tokens=16, init_divergence=4),
     "seg8_init2to8": dict(segment_tokens=8, init_divergence=2, init_divergence_max=8),
-    "seg8_logprob_low": dict(segment_tokens=8, budget="logprob", favour="low"),
-    "seg8_logprob_high": dict(segment_tokens=8, budget="logprob", favour="high"),
+    "seg12_init2to8": dict(segment_tokens=12, init_divergence=2, init_divergence_max=8),
+    "seg16_init2to8": dict(segment_tokens=16, init_divergence=2, init_divergence_max=8),
 }
 
 
@@ -88,6 +92,11 @@ def main() -> None:
         engine.generate([GenerationRequest(make_trees()[0].prompt_ids)])  # warm-up: no start-up cost in the first run
         flat = FlatSampler(FlatSettings(n=args.trajectories, max_tokens=args.max_tokens, seed=0))
         result["runs"]["flat"] = base = run("flat", flat, engine, make_trees, grader)
+        # The same sampler with another seed: how far maj/pass move by chance alone.
+        reseeded = FlatSampler(FlatSettings(n=args.trajectories, max_tokens=args.max_tokens, seed=1))
+        result["runs"]["flat_seed1"] = other = run("flat_seed1", reseeded, engine, make_trees, grader)
+        result["flat_seed_noise"] = {"maj_at_n_diff": other["maj_at_n"] - base["maj_at_n"],
+                                     "pass_at_n_diff": other["pass_at_n"] - base["pass_at_n"]}
         for name in args.variants.split(","):
             settings = TreePOSettings(trajectories=args.trajectories, max_response_tokens=args.max_tokens, seed=0,
                                       **TREEPO_VARIANTS[name])

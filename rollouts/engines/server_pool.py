@@ -199,9 +199,9 @@ def start_local_server(model: str, port: int, host: str = "127.0.0.1", max_model
         command += ["--max-model-len", str(max_model_len)]
     env = dict(os.environ)
     if cpu:
-        # No chunked prefill on the CPU backend: a seeded request whose prefill is split over
-        # steps crashes its worker there ("CPU Generator does not use offset").
-        command += ["--enforce-eager", "--no-enable-chunked-prefill",
+        # As in VLLMEngine: no chunked prefill (seeded requests crash the CPU worker when a
+        # prefill is split) and 32-token KV blocks (128 keeps short prefixes out of the cache).
+        command += ["--enforce-eager", "--no-enable-chunked-prefill", "--block-size", "32",
                     "--max-num-batched-tokens", str(max(8192, max_model_len or 0))]
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several servers share the cores
     command += list(extra_args)

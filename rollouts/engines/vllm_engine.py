@@ -73,6 +73,9 @@ class VLLMEngine:
             # ("CPU Generator does not use offset"), so prefills are never split there.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(8192, max_model_len or 0)
+            # The CPU backend defaults to 128-token KV blocks, and only full blocks are shared, so
+            # short tree prefixes would never hit the prefix cache; 32 is the smallest it takes.
+            kwargs["block_size"] = 32
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             if kv_cache_gb is not None:
