@@ -25,7 +25,8 @@ from .treepo import TreePOSampler, TreePOSettings
 class RolloutArgs:
     output_dir: str = "outputs/rollout"
     model_name_or_path: str | None = None  # empty: the arith tiny policy
-    engine: str = "vllm"  # vllm | hf
+    engine: str = "vllm"  # vllm | servers (with server_urls) | hf
+    server_urls: str | None = None  # comma-separated `vllm serve` base URLs, for engine=servers
     source: str = "arith"
     split: str = "test"
     data_path: str | None = None
@@ -72,11 +73,17 @@ def make_engine(args: RolloutArgs, model: str):
         from .engines import VLLMEngine
 
         return VLLMEngine(model, seed=args.seed, kv_cache_gb=args.kv_cache_gb)
+    if args.engine == "servers":
+        from .engines.server_pool import VLLMServerPool
+
+        if not args.server_urls:
+            raise ValueError("engine 'servers' needs --server_urls http://host:port[,http://host2:port]")
+        return VLLMServerPool([u.strip() for u in args.server_urls.split(",") if u.strip()], model=model)
     if args.engine == "hf":
         from .engines import HFEngine
 
         return HFEngine(model)
-    raise ValueError(f"unknown engine {args.engine!r}; expected vllm or hf")
+    raise ValueError(f"unknown engine {args.engine!r}; expected vllm, servers or hf")
 
 
 def new_tree(problem: Problem, template: PromptTemplate, tokenizer) -> ReasoningTree:

@@ -48,6 +48,21 @@ def _requests(tokenizer, count: int, n: int = 2):
             for i, p in enumerate(problems)]
 
 
+def test_treepo_rollout_through_the_servers(servers, tiny_policy_path, tmp_path):
+    from treetune.rollouts.job import RolloutArgs, make_engine, run_rollout
+    from treetune.data import load_problems
+
+    _, urls = servers
+    args = RolloutArgs(output_dir=str(tmp_path), engine="servers", server_urls=",".join(urls), limit=6,
+                       trajectories=4, max_tokens=96, grade=False)
+    engine = make_engine(args, tiny_policy_path)
+    summary = run_rollout(args, engine, engine.tokenizer, load_problems("arith", "test", limit=6),
+                          PromptTemplate(style="bare"), progress=False)
+    assert summary["problems"] == 6 and summary["trajectories"] == 24
+    assert set(engine._sticky.values()) == set(urls)  # trees spread over both servers
+    engine.close()
+
+
 def test_pool_generates_sticks_and_survives_a_dead_server(servers, tiny_policy_path):
     procs, urls = servers
     with VLLMServerPool(urls, model=tiny_policy_path, backoff=0.2, revive_after=600) as pool:
