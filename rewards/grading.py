@@ -13,6 +13,7 @@ Answers equal as strings (after removing white space) are accepted without a wor
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Sequence
 
@@ -26,6 +27,17 @@ MAX_ANSWER_CHARS = 2000  # a final answer longer than this is not an answer
 
 def _squash(text: str) -> str:
     return "".join(text.split()).rstrip(".")
+
+
+_PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def _same_number(a: str, b: str) -> bool | None:
+    """For two plain decimal numbers, whether they are equal; None when either is anything else."""
+    a, b = _squash(a), _squash(b)
+    if _PLAIN_NUMBER.match(a) and _PLAIN_NUMBER.match(b):
+        return float(a) == float(b)
+    return None
 
 
 def _as_latex(answer: str) -> str:
@@ -121,6 +133,28 @@ class Grader:
         finally:
             if bar is not None:
                 bar.close()
+        return [bool(v) for v in verdicts]
+
+    def equivalent_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each pair of extracted answers is the same value (math-verify, first as gold)."""
+        verdicts: list[bool | None] = []
+        pending = []
+        for i, (a, b) in enumerate(pairs):
+            quick = _same_number(a, b) if _squash(a) != _squash(b) else True
+            verdicts.append(quick)
+            if quick is None:
+                pending.append(i)
+        if pending and self.pool is None:
+            for i in pending:
+                try:
+                    verdicts[i] = verify_answer(pairs[i][0], pairs[i][1], self.timeout)
+                except Exception:  # noqa: BLE001
+                    verdicts[i] = False
+        elif pending:
+            results = self.pool.map("treetune.rewards.grading:verify_answer",
+                                    [(pairs[i][0], pairs[i][1], self.timeout) for i in pending], timeout=self.timeout + 1.0)
+            for i, result in zip(pending, results):
+                verdicts[i] = bool(result.ok and result.value)
         return [bool(v) for v in verdicts]
 
     def close(self) -> None:

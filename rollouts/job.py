@@ -8,6 +8,7 @@ problem whose tree is already on disk and repairs a half-written shard (see `tre
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,8 @@ from .flat import FlatSampler, FlatSettings
 from .tree import ReasoningTree
 from .tree_io import TreeWriter, read_trees
 from .treepo import TreePOSampler, TreePOSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +133,12 @@ def run_rollout(args: RolloutArgs, engine, tokenizer, problems: Sequence[Problem
     started = time.time()
     with TreeWriter(out / "trees", shard_size=args.shard_size) as writer:
         todo = [p for p in problems if p.id not in writer.done]
+        limit = getattr(engine, "max_model_len", None)
+        if limit:
+            too_long = [p.id for p in todo if len(template.render_ids(p.question, tokenizer)) >= limit]
+            if too_long:
+                log.warning("%d prompt(s) leave no room to generate within the model's %d-token context "
+                            "(e.g. %s); their trajectories come back empty and grade wrong", len(too_long), limit, too_long[:3])
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"{sampler.name} trees",
                    unit="tree", disable=not progress)
         for start in range(0, len(todo), args.batch_problems):

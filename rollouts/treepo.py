@@ -185,6 +185,8 @@ class TreePOSampler:
                         max_response_tokens=s.max_response_tokens, max_depth=s.max_depth,
                         stop_on_boxed=s.stop_on_boxed, repetition_window=s.repetition_window,
                         repetition_count=s.repetition_count)
+                    if not c.token_ids:  # the context is full: nothing more can be generated
+                        reason = "length"
                     child = tree.add(parent, c.text, c.token_ids, c.logprobs, reason)
                     if reason is None:
                         state.live.append(child.id)

@@ -60,8 +60,22 @@ class EngineCounters:
         self.generated_tokens += sum(len(c.token_ids) for r in results for c in r.completions)
 
 
+def fit_max_tokens(request: GenerationRequest, context: int | None) -> int:
+    """The request's max_tokens, cut so prompt + completion fit the engine's context (may be <= 0)."""
+    if context is None:
+        return request.sampling.max_tokens
+    return min(request.sampling.max_tokens, context - len(request.prompt_ids))
+
+
+def no_room(request: GenerationRequest) -> RequestResult:
+    """The result for a prompt that leaves no room to generate: n empty completions cut by length."""
+    return RequestResult([Completion([], "", [] if request.sampling.logprobs else None, "length")
+                          for _ in range(request.sampling.n)], len(request.prompt_ids))
+
+
 class Engine(Protocol):
     counters: EngineCounters
+    max_model_len: int | None
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
         """Results in request order."""

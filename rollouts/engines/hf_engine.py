@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Completion, EngineCounters, GenerationRequest, RequestResult
+from .base import Completion, EngineCounters, GenerationRequest, RequestResult, fit_max_tokens, no_room
 
 
 class HFEngine:
@@ -24,12 +24,16 @@ class HFEngine:
             i for i in ([self.model.generation_config.eos_token_id] if isinstance(self.model.generation_config.eos_token_id, int)
                         else (self.model.generation_config.eos_token_id or [])) if i is not None)
         self.model_name = model
+        self.max_model_len = getattr(self.model.config, "max_position_embeddings", None)
         self.counters = EngineCounters()
 
     def _one(self, request: GenerationRequest) -> RequestResult:
         import torch
 
         s = request.sampling
+        room = fit_max_tokens(request, self.max_model_len)
+        if room <= 0:
+            return no_room(request)
         prompt = torch.tensor([request.prompt_ids] * s.n, device=self.device)
         greedy = s.temperature == 0
         with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
@@ -42,7 +46,7 @@ class HFEngine:
                 temperature=None if greedy else s.temperature,
                 top_p=None if greedy else s.top_p,
                 top_k=0 if not greedy else None,
-                max_new_tokens=s.max_tokens,
+                max_new_tokens=room,
                 output_scores=True,
                 return_dict_in_generate=True,
                 eos_token_id=sorted(self.eos_ids),

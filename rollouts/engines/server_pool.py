@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import Completion, EngineCounters, GenerationRequest, RequestResult
+from .base import Completion, EngineCounters, GenerationRequest, RequestResult, fit_max_tokens, no_room
 from .vllm_engine import context_length
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class VLLMServerPool:
         self._sticky: dict[str, str] = {}
         self.counters = EngineCounters()
         self.retries = 0
-        self.model = model or self._served_model()
+        self.model, self.max_model_len = self._served_model(model)
         self.tokenizer = None
         if tokenizer or model:
             from transformers import AutoTokenizer
@@ -98,20 +98,24 @@ class VLLMServerPool:
         except Exception:  # noqa: BLE001 - any failure means not healthy
             return False
 
-    def _served_model(self) -> str:
+    def _served_model(self, model: str | None) -> tuple[str, int | None]:
+        """The served model's name (as the servers call it) and context length."""
         last = None
         for url in self.urls:
             try:
-                return self.session.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+                served = self.session.get(f"{url}/v1/models", timeout=10).json()["data"]
             except Exception as err:  # noqa: BLE001
                 last = err
+                continue
+            entry = next((m for m in served if model in (None, m["id"])), served[0])
+            return entry["id"], entry.get("max_model_len")
         raise ServerError(f"could not ask any server for its model: {last}")
 
     # -- requests ---------------------------------------------------------------------------
-    def _payload(self, request: GenerationRequest) -> dict:
+    def _payload(self, request: GenerationRequest, max_tokens: int) -> dict:
         s = request.sampling
         payload = {"model": self.model, "prompt": list(request.prompt_ids), "n": s.n, "temperature": s.temperature,
-                   "top_p": s.top_p, "max_tokens": s.max_tokens, "return_token_ids": True}
+                   "top_p": s.top_p, "max_tokens": max_tokens, "return_token_ids": True}
         if s.seed is not None:
             payload["seed"] = s.seed
         if s.logprobs:
@@ -133,7 +137,10 @@ class VLLMServerPool:
     def _send(self, request: GenerationRequest) -> RequestResult:
         import requests
 
-        payload = self._payload(request)
+        room = fit_max_tokens(request, self.max_model_len)
+        if room <= 0:
+            return no_room(request)
+        payload = self._payload(request, room)
         for attempt in range(1, self.max_attempts + 1):
             url = self._pick(request.group)
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .base import Completion, EngineCounters, GenerationRequest, RequestResult
+from .base import Completion, EngineCounters, GenerationRequest, RequestResult, fit_max_tokens, no_room
 
 
 def _on_cpu() -> bool:
@@ -87,27 +87,35 @@ class VLLMEngine:
         self.counters = EngineCounters()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        room = [fit_max_tokens(r, self.max_model_len) for r in requests]
+        runnable = [i for i, m in enumerate(room) if m > 0]
+        prompts = [TokensPrompt(prompt_token_ids=list(requests[i].prompt_ids)) for i in runnable]
         params = [
             SamplingParams(
-                n=r.sampling.n,
-                temperature=r.sampling.temperature,
-                top_p=r.sampling.top_p,
-                max_tokens=r.sampling.max_tokens,
-                stop=list(r.sampling.stop) or None,
-                seed=r.sampling.seed,
-                logprobs=0 if r.sampling.logprobs else None,
+                n=requests[i].sampling.n,
+                temperature=requests[i].sampling.temperature,
+                top_p=requests[i].sampling.top_p,
+                max_tokens=room[i],
+                stop=list(requests[i].sampling.stop) or None,
+                seed=requests[i].sampling.seed,
+                logprobs=0 if requests[i].sampling.logprobs else None,
             )
-            for r in requests
+            for i in runnable
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress) if runnable else []
+        by_index = dict(zip(runnable, outputs))
         results = []
-        for out in outputs:
+        for i, request in enumerate(requests):
+            if i not in by_index:
+                results.append(no_room(request))
+                continue
+            out = by_index[i]
             completions = []
             for c in out.outputs:
                 logprobs = None

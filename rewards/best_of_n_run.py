@@ -1,0 +1,131 @@
+"""A best-of-N run: sample N solutions per problem (or read existing trees), grade them, and write
+the per-problem file, metrics.json, per-group tables and the accuracy-vs-N plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from treetune.data import Problem, PromptTemplate
+from treetune.rollouts.job import RolloutArgs, run_rollout
+from treetune.rollouts.tree_io import read_trees
+
+from .best_of_n import assign_answer_classes, candidates, evaluate, group_table, plot_accuracy, selections, sweep
+from .grading import Grader
+from .outcome import score_outcomes
+
+
+@dataclass
+class BestOfNArgs:
+    output_dir: str = "outputs/best_of_n"
+    model_name_or_path: str | None = None  # empty: the arith tiny policy
+    engine: str = "vllm"
+    server_urls: str | None = None
+    source: str = "arith"
+    split: str = "test"
+    data_path: str | None = None
+    limit: int | None = 300
+    prompt_style: str | None = None
+    n: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    selectors: str = "first,majority,max_logprob"
+    subsamples: int = 8
+    trees_path: str | None = None  # evaluate these trees instead of sampling
+    group_by: str = ""  # comma-separated problem fields for per-group tables (MATH: level,subject)
+    batch_problems: int = 64
+    kv_cache_gb: float | None = None
+    report_to: str = "none"  # none | wandb
+    wandb_project: str = "treetune"
+
+
+def rollout_args(args: BestOfNArgs) -> RolloutArgs:
+    return RolloutArgs(output_dir=args.output_dir, model_name_or_path=args.model_name_or_path, engine=args.engine,
+                       server_urls=args.server_urls, source=args.source, split=args.split, data_path=args.data_path,
+                       limit=args.limit, prompt_style=args.prompt_style, sampler="flat", trajectories=args.n,
+                       temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                       batch_problems=args.batch_problems, kv_cache_gb=args.kv_cache_gb)
+
+
+def sample(args: BestOfNArgs, engine, problems: list[Problem], template: PromptTemplate, grader: Grader) -> dict:
+    """Flat samples for every problem into `output_dir/trees` (resumable), graded as they finish."""
+    return run_rollout(rollout_args(args), engine, engine.tokenizer, problems, template,
+                       lambda trees: score_outcomes(trees, grader))
+
+
+def evaluate_trees(args: BestOfNArgs, problems: list[Problem], grader: Grader) -> dict:
+    """Everything after sampling: classes, selector sweep, files, plot. Returns metrics."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(args.trees_path) if args.trees_path else out / "trees"
+    wanted = {p.id: p for p in problems}
+    trees = [t for t in read_trees(source) if t.problem_id in wanted]
+    missing = sorted(set(wanted) - {t.problem_id for t in trees})
+    if missing:
+        raise ValueError(f"{source}: no trees for {len(missing)} problem(s), e.g. {missing[:3]}")
+    unscored = [t for t in trees if any("outcome" not in l.scores for l in t.leaves())]
+    if unscored:
+        score_outcomes(unscored, grader)
+    assign_answer_classes(trees, grader)
+    names = [s.strip() for s in args.selectors.split(",") if s.strip()]
+    per_problem = {t.problem_id: candidates(t) for t in trees}
+    n_max = max(len(c) for c in per_problem.values())
+    metrics = evaluate(per_problem, names, sweep(n_max), args.subsamples, args.seed)
+    metrics.update(source=args.source, split=args.split, samples_per_problem=n_max)
+
+    rows = []
+    for tree in trees:
+        cands = per_problem[tree.problem_id]
+        rows.append({
+            "id": tree.problem_id, "gold": tree.answer, "extra": wanted[tree.problem_id].extra,
+            "samples": [{"answer": c.answer, "correct": c.correct, "answer_class": c.answer_class, "tokens": c.tokens,
+                         "logprob_mean": c.logprob_mean, "text": c.text} for c in cands],
+            "selected": selections(cands, names),
+        })
+    with (out / "problems.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    metrics["groups"] = {g: group_table(rows, g, names) for g in groups}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    plot_accuracy(metrics, str(out / "accuracy_vs_n.png"), f"best-of-N on {args.source} ({len(trees)} problems)")
+    (out / "summary.md").write_text(summary_markdown(metrics, names))
+    if args.report_to == "wandb":
+        log_to_wandb(args, metrics, out)
+    return metrics
+
+
+def summary_markdown(metrics: dict, names: list[str]) -> str:
+    n_values = metrics["n_values"]
+    lines = ["| selector | " + " | ".join(f"N={n}" for n in n_values) + " |", "|---" * (len(n_values) + 1) + "|"]
+    lines.append("| pass@k | " + " | ".join(f"{metrics['pass_at_k'][str(n)]:.3f}" for n in n_values) + " |")
+    for name in names:
+        cells = metrics["selectors"][name]
+        lines.append(f"| {name} | " + " | ".join(f"{cells[str(n)]['accuracy']:.3f} ± {cells[str(n)]['std']:.3f}" for n in n_values) + " |")
+    lines += ["", "False-positive rate (chosen answer wrong though a right one was among the N):", "",
+              "| selector | " + " | ".join(f"N={n}" for n in n_values) + " |", "|---" * (len(n_values) + 1) + "|"]
+    for name in names:
+        cells = metrics["selectors"][name]
+        lines.append(f"| {name} | " + " | ".join(f"{cells[str(n)]['false_positive_rate']:.3f}" for n in n_values) + " |")
+    for group, table in metrics.get("groups", {}).items():
+        lines += ["", f"By {group} (N = {n_values[-1]}):", "", "| " + group + " | problems | pass@N | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 3) + "|"]
+        for value, entry in table.items():
+            lines.append(f"| {value} | {entry['problems']} | {entry['pass_at_n']:.3f} | " + " | ".join(f"{entry[n]:.3f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def log_to_wandb(args: BestOfNArgs, metrics: dict, out: Path) -> None:
+    import wandb
+
+    run = wandb.init(project=args.wandb_project, config=asdict(args), dir=str(out), job_type="best_of_n")
+    for n in metrics["n_values"]:
+        row = {"n": n, "pass_at_k": metrics["pass_at_k"][str(n)]}
+        row.update({f"{name}/accuracy": cells[str(n)]["accuracy"] for name, cells in metrics["selectors"].items()})
+        run.log(row)
+    run.log({"accuracy_vs_n": wandb.Image(str(out / "accuracy_vs_n.png"))})
+    run.finish()
