@@ -1,0 +1,9 @@
+"""Train a discriminative PRM: `accelerate launch launch/train_prm.py --config configs/prm/arith.yaml`.
+
+All logic lives in `treetune.trainers.prm_train`; see its fields with `--help`.
+"""
+
+from treetune.trainers.prm_train import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""PRM label placement, the step loss, a short training run whose loss falls, and scoring."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from treetune.data.arith import arith_problems, check_solution
+from treetune.data.steps import split_steps
+from treetune.rewards.prm_formats import write_stepwise
+from treetune.trainers.prm import IGNORE, step_loss, tokenize_stepwise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_policy_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_policy_path)
+
+
+def test_labels_sit_on_the_last_separator_token(tokenizer):
+    record = {"prompt": "Mia has 7 pens.\n", "completions": ["7+15=22", "The answer is \\boxed{22}"], "labels": [True, 0.25]}
+    row = tokenize_stepwise(record, tokenizer, separator="\n")
+    labelled = [i for i, l in enumerate(row["labels"]) if l != IGNORE]
+    assert [row["labels"][i] for i in labelled] == [1.0, 0.25]
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert all(row["input_ids"][i] == newline[-1] for i in labelled)
+    # "15" and "22" are split over digit tokens; the label still lands after the whole step
+    first_step = tokenizer("7+15=22", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("Mia has 7 pens.\n", add_special_tokens=False)["input_ids"]
+    assert labelled[0] == len(prompt) + len(first_step)
+    # a separator of several tokens: the label is on its last one
+    multi = tokenize_stepwise(record, tokenizer, separator=" STEP\n")
+    sep_ids = tokenizer(" STEP\n", add_special_tokens=False)["input_ids"]
+    assert len(sep_ids) > 1
+    positions = [i for i, l in enumerate(multi["labels"]) if l != IGNORE]
+    assert all(multi["input_ids"][i - len(sep_ids) + 1: i + 1] == sep_ids for i in positions)
+
+
+def test_step_loss_hard_and_soft():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [0.0, 3.0]]])
+    labels = torch.tensor([[0.0, IGNORE, 1.0]])
+    expected = torch.nn.functional.cross_entropy(torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1]))
+    assert torch.isclose(step_loss(logits, labels, soft=False), expected)
+    soft = torch.tensor([[0.25, IGNORE, 1.0]])
+    p1 = torch.softmax(torch.tensor([[2.0, 0.0], [0.0, 3.0]]), -1)[:, 1]
+    bce = -(torch.tensor([0.25, 1.0]) * p1.log() + torch.tensor([0.75, 0.0]) * (1 - p1).log()).mean()
+    assert torch.isclose(step_loss(logits, soft, soft=True), bce, atol=1e-5)
+
+
+def arith_records(count: int, seed: int) -> list[dict]:
+    """Gold solutions and copies with one corrupted step, labelled by the exact checker."""
+    rng = random.Random(seed)
+    records = []
+    for problem in arith_problems("train", count):
+        steps = split_steps(problem.solution, "line")
+        if rng.random() < 0.5:
+            i = rng.randrange(len(steps) - 1)
+            steps[i] = steps[i].replace("=", f"={rng.randint(1, 9)}", 1)
+        first_wrong = check_solution(problem, "\n".join(steps))
+        labels = [first_wrong == -1 or i < first_wrong for i in range(len(steps))]
+        records.append({"prompt": problem.question + "\n", "completions": steps, "labels": labels})
+    return records
+
+
+def test_short_training_run_loss_falls_and_scores(tmp_path, tiny_policy_path):
+    write_stepwise(arith_records(768, 0), tmp_path / "labels.jsonl")
+    out = tmp_path / "prm"
+    command = [sys.executable, str(ROOT / "launch" / "train_prm.py"), "--config", str(ROOT / "configs" / "prm" / "arith.yaml"),
+               "--train_file", str(tmp_path / "labels.jsonl"), "--output_dir", str(out), "--logging_steps", "4",
+               "--disable_tqdm", "true"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = json.loads((out / "train_metrics.json").read_text())["losses"]
+    assert len(losses) >= 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+
+    from treetune.rewards.prm import DiscriminativePRM
+
+    prm = DiscriminativePRM(str(out))
+    problem = arith_problems("test", 1)[0]
+    steps = split_steps(problem.solution, "line")
+    scores = prm.score([problem.question, problem.question], [steps, steps[:2]])
+    assert [len(s) for s in scores] == [len(steps), 2]
+    assert all(0.0 <= x <= 1.0 for s in scores for x in s)

@@ -1,0 +1,89 @@
+"""`launch/train_prm.py`: train a discriminative PRM on stepwise records.
+
+    accelerate launch launch/train_prm.py --config configs/prm/arith.yaml [--field value ...]
+
+Data: a JSONL of TRL-style records {prompt, completions, labels} (or Math-Shepherd / PRM800K rows
+with `--data_format`). The backbone is any causal-LM checkpoint (the tiny policy by default); its
+LM head is replaced by a fresh two-class token head. LoRA through peft with `--use_lora true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PRMScriptArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Backbone; empty: the arith tiny policy."})
+    train_file: str = field(default="", metadata={"help": "Stepwise JSONL records."})
+    data_format: str = "trl"  # trl | math_shepherd | prm800k
+    separator: str = "\n"
+    soft_labels: bool = False
+    max_length: int = 512
+    use_lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+
+
+def run(args: PRMScriptArguments, training_args) -> Path:
+    from datasets import Dataset
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, set_seed
+
+    from treetune.rewards.prm_formats import read_stepwise
+
+    from .prm import PRMCollator, PRMTrainer, tokenize_stepwise
+
+    set_seed(training_args.seed)
+    if not args.train_file:
+        raise ValueError("--train_file is required (stepwise JSONL records)")
+    backbone = args.model_name_or_path
+    if not backbone:
+        from treetune.data.arith import tiny_policy
+
+        backbone = tiny_policy()
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    records = read_stepwise(args.train_file, args.data_format)
+    rows = [tokenize_stepwise(r, tokenizer, args.separator, args.max_length) for r in records]
+    model = AutoModelForTokenClassification.from_pretrained(backbone, num_labels=2)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if args.use_lora:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.TOKEN_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout))
+    trainer = PRMTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(rows),
+                         data_collator=PRMCollator(model.config.pad_token_id), soft_labels=args.soft_labels)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    out = Path(training_args.output_dir)
+    if args.use_lora:
+        trainer.model = trainer.model.merge_and_unload()
+    trainer.save_model(str(out))
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(out))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        (out / "train_metrics.json").write_text(json.dumps(dict(result.metrics, records=len(records), losses=losses), indent=2))
+        (out / "recipe.json").write_text(json.dumps({"script": asdict(args), "training": training_args.to_dict()}, indent=2, default=str))
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from transformers import TrainingArguments
+
+    from .cli import parse_recipe
+
+    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    script_args, training_args = parse_recipe((PRMScriptArguments, TrainingArguments), argv)
+    training_args.remove_unused_columns = False
+    return run(script_args, training_args)
+
+
+if __name__ == "__main__":
+    main()
