@@ -36,6 +36,9 @@ class BestOfNArgs:
     subsamples: int = 8
     trees_path: str | None = None  # evaluate these trees instead of sampling
     group_by: str = ""  # comma-separated problem fields for per-group tables (MATH: level,subject)
+    prm_path: str | None = None  # a PRM (launch/train_prm.py) scoring every sample, for the prm_* selectors
+    prm_separator: str = "\n"
+    step_mode: str = "line"  # how samples split into steps for the PRM (line, blank_line, step_k)
     batch_problems: int = 64
     kv_cache_gb: float | None = None
     report_to: str = "none"  # none | wandb
@@ -70,6 +73,12 @@ def evaluate_trees(args: BestOfNArgs, problems: list[Problem], grader: Grader) -
     if unscored:
         score_outcomes(unscored, grader)
     assign_answer_classes(trees, grader)
+    if args.prm_path:
+        from .prm import DiscriminativePRM
+        from .step_scorer import score_tree_leaves
+
+        score_tree_leaves(trees, DiscriminativePRM(args.prm_path, separator=args.prm_separator), key="prm",
+                          step_mode=args.step_mode)
     names = [s.strip() for s in args.selectors.split(",") if s.strip()]
     per_problem = {t.problem_id: candidates(t) for t in trees}
     n_max = max(len(c) for c in per_problem.values())

@@ -86,3 +86,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def _prm_selector(how: str) -> Selector:
+    def select(candidates: Sequence[Candidate]) -> int | None:
+        from .step_scorer import aggregate
+
+        scored = [(aggregate(c.scores["prm"], how), -i) for i, c in enumerate(candidates) if c.scores.get("prm")]
+        return -max(scored)[1] if scored else None
+
+    select.__doc__ = f"The candidate with the best PRM score, steps aggregated by {how}."
+    return select
+
+
+for _how in ("last", "min", "product"):
+    register(f"prm_{_how}")(_prm_selector(_how))

@@ -82,3 +82,38 @@ def test_trl_round_trip(tmp_path):
 def test_shepherd_row_without_tag_labels_is_an_error():
     with pytest.raises(ValueError, match="field 'label'"):
         from_math_shepherd({"input": "Q Step 1: a ки", "label": "Q Step 1: a x"}, "row.jsonl", 3)
+
+
+def test_prm_selectors_by_hand():
+    from treetune.rewards.selectors import Candidate, get_selector
+
+    cands = [Candidate("a", "1", False, 0, scores={"prm": [0.9, 0.2, 0.9]}),
+             Candidate("b", "2", True, 1, scores={"prm": [0.6, 0.6, 0.7]}),
+             Candidate("c", "3", False, 2, scores={"prm": [0.95, 0.95, 0.5]})]
+    assert get_selector("prm_last")(cands) == 0  # last steps: 0.9 > 0.7 > 0.5
+    assert get_selector("prm_min")(cands) == 1  # 0.6
+    assert get_selector("prm_product")(cands) == 2  # 0.45 > 0.252 > 0.162
+    assert get_selector("prm_last")([Candidate("x", None, False, None)]) is None
+
+
+def test_eval_prm_with_the_checker_on_arith_trees(tmp_path):
+    # The checker scored against its own truth: a perfect F1, which the whole path must reproduce.
+    from treetune.rewards.prm_eval_run import EvalPRMArgs, run
+    from treetune.rollouts.tree import ReasoningTree
+    from treetune.rollouts.tree_io import TreeWriter
+
+    with TreeWriter(tmp_path / "trees") as writer:
+        for p in arith_problems("test", 10):
+            tree = ReasoningTree(problem_id=p.id, prompt=p.question + "\n", prompt_ids=[1], answer=p.answer,
+                                 problem={"question": p.question, **p.extra})
+            steps = split_steps(p.solution, "line")
+            wrong = list(steps)
+            wrong[0] = wrong[0].replace("=", "=9")
+            for text in ("\n".join(steps), "\n".join(wrong)):
+                tree.add(0, text, [1], [-0.1], "eos")
+            writer.write(tree)
+    metrics = run(EvalPRMArgs(output_dir=str(tmp_path / "eval"), scorer="arith_checker", arith_trees=str(tmp_path / "trees"),
+                              thresholds="0.5"))
+    arith = metrics["best"]["splits"]["arith"]
+    assert (arith["acc_err"], arith["acc_corr"], arith["f1"]) == (1.0, 1.0, 1.0)
+    assert arith["erroneous"] == 10 and arith["correct"] == 10

@@ -1,0 +1,128 @@
+"""A PRM on the proving ground, end to end: MC labels from the tiny policy's own samples, their
+agreement with the exact checker, a PRM trained on them, its ProcessBench-style F1 against the
+checker on held-out problems, best-of-16 with it against majority@16, and scoring throughput.
+
+    python benchmarks/prm_arith.py --output prm_arith.json [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--train_problems", type=int, default=250)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--eval_problems", type=int, default=300)
+    parser.add_argument("--epochs", type=float, default=3.0)
+    args = parser.parse_args()
+
+    from transformers import TrainingArguments
+
+    from treetune.data import PromptTemplate, load_problems
+    from treetune.data.arith import check_solution, tiny_policy
+    from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees, sample
+    from treetune.rewards.grading import Grader
+    from treetune.rewards.mc_labels import consensus, mc_estimate, to_stepwise
+    from treetune.rewards.outcome import score_outcomes
+    from treetune.rewards.prm import DiscriminativePRM
+    from treetune.rewards.prm_eval_run import arith_cases
+    from treetune.rewards.prm_formats import write_stepwise
+    from treetune.rewards.processbench import evaluate_splits
+    from treetune.rollouts.engines import VLLMEngine
+    from treetune.rollouts.flat import FlatSampler, FlatSettings
+    from treetune.rollouts.job import new_tree
+    from treetune.trainers.prm_train import PRMScriptArguments, run as train_prm
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="prm_arith_"))
+    work.mkdir(parents=True, exist_ok=True)
+    template = PromptTemplate(style="bare")
+    result: dict = {}
+    train_problems = load_problems("arith", "train", limit=args.train_problems)
+    by_id = {p.id: p for p in train_problems}
+    with Grader() as grader:
+        with VLLMEngine(tiny_policy()) as engine:
+            started = time.perf_counter()
+            trees = [new_tree(p, template, engine.tokenizer) for p in train_problems]
+            trees = list(FlatSampler(FlatSettings(n=args.samples, max_tokens=128, seed=0)).grow(engine, trees))
+            score_outcomes(trees, grader)
+            solutions = mc_estimate(trees, engine, grader, k=args.k)
+            result["labelling_seconds"] = round(time.perf_counter() - started, 1)
+        truth = []
+        for s in solutions:
+            first = check_solution(by_id[s.problem_id], "\n".join(s.steps))
+            truth.append(min(first, len(s.steps) - 1) if first != -1 else -1)
+        agree = [s.mc_first_error == t for s, t in zip(solutions, truth)]
+        kept = consensus(solutions, truth)
+        scan_kept = [s for s in solutions if s.confidence >= 0.5]
+        scan_agree = [s.mc_first_error == t for s, t in zip(solutions, truth) if s.confidence >= 0.5]
+        result["labels"] = {
+            "solutions": len(solutions),
+            "mc_hard_first_error_agreement": sum(agree) / len(agree),
+            "mc_hard_step_label_agreement": sum(
+                (v > 0) == (t == -1 or i < t) for s, t in zip(solutions, truth) for i, v in enumerate(s.values)
+                if t == -1 or i <= t) / max(1, sum(len(s.values) if t == -1 else t + 1 for s, t in zip(solutions, truth))),
+            "after_consensus_kept": len(kept) / len(solutions),
+            "after_consensus_agreement": 1.0 if kept else 0.0,  # the judge is the checker itself
+            "scan_min_confidence": 0.5,
+            "scan_kept": len(scan_kept) / len(solutions),
+            "scan_first_error_agreement": sum(scan_agree) / max(1, len(scan_agree)),
+        }
+        print(json.dumps(result["labels"], indent=2), flush=True)
+
+        records = to_stepwise(solutions, "hard")
+        write_stepwise(records, work / "mc_hard.jsonl")
+        training = TrainingArguments(output_dir=str(work / "prm"), num_train_epochs=args.epochs, per_device_train_batch_size=32,
+                                     learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10,
+                                     save_strategy="no", report_to=[], seed=0, disable_tqdm=True, remove_unused_columns=False,
+                                     bf16=False)
+        started = time.perf_counter()
+        prm_dir = train_prm(PRMScriptArguments(train_file=str(work / "mc_hard.jsonl"), max_length=256), training)
+        result["prm_training_seconds"] = round(time.perf_counter() - started, 1)
+        result["prm_training_records"] = len(records)
+
+        # Held-out F1 against the checker on fresh samples of test problems.
+        from treetune.rewards.prm_eval_run import sample_arith_trees
+
+        eval_trees = sample_arith_trees(args.eval_problems, seed=1)
+        questions, steps, labels = arith_cases(eval_trees)
+        prm = DiscriminativePRM(str(prm_dir))
+        started = time.perf_counter()
+        scores = prm.score(questions, steps)
+        batched = time.perf_counter() - started
+        one = DiscriminativePRM(str(prm_dir), batch_size=1)
+        started = time.perf_counter()
+        one.score(questions[:200], steps[:200])
+        single = time.perf_counter() - started
+        n_steps = sum(len(s) for s in steps)
+        result["scoring"] = {"steps_per_second_batched": n_steps / batched,
+                             "steps_per_second_one_at_a_time": sum(len(s) for s in steps[:200]) / single}
+        sweep = evaluate_splits({"arith": scores}, {"arith": labels}, [round(0.05 * i, 2) for i in range(1, 20)])
+        best = max(sweep, key=lambda t: sweep[t]["average_f1"])
+        result["processbench_arith"] = {"solutions": len(labels), "best_threshold": float(best), **sweep[best]["splits"]["arith"],
+                                        "f1_at_0.5": sweep["0.5"]["splits"]["arith"]["f1"]}
+        print(json.dumps(result["processbench_arith"], indent=2), flush=True)
+
+        # Best-of-16 with the PRM against majority@16.
+        bon = BestOfNArgs(output_dir=str(work / "bon"), limit=args.eval_problems, n=16, max_tokens=128, seed=2,
+                          selectors="majority,prm_last,prm_min,prm_product,first", prm_path=str(prm_dir))
+        problems = load_problems("arith", "test", limit=args.eval_problems)
+        with VLLMEngine(tiny_policy()) as engine:
+            sample(bon, engine, problems, template, grader)
+        metrics = evaluate_trees(bon, problems, grader)
+        result["best_of_16"] = {name: metrics["selectors"][name]["16"]["accuracy"] for name in metrics["selectors"]}
+        result["best_of_16"]["pass@16"] = metrics["pass_at_k"]["16"]
+        print(json.dumps(result["best_of_16"], indent=2), flush=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
