@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--eval_problems", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--labels", choices=["consensus", "all"], default="consensus",
+                        help="train on consensus-filtered MC labels (default) or on all of them")
     args = parser.parse_args()
 
     from transformers import TrainingArguments
@@ -78,7 +80,9 @@ def main() -> None:
         }
         print(json.dumps(result["labels"], indent=2), flush=True)
 
-        records = to_stepwise(solutions, "hard")
+        # Hard MC labels after consensus filtering (the judge here is the exact checker): the
+        # combination the Qwen2.5-Math-PRM study found best.
+        records = to_stepwise(kept if args.labels == "consensus" else solutions, "hard")
         write_stepwise(records, work / "mc_hard.jsonl")
         training = TrainingArguments(output_dir=str(work / "prm"), num_train_epochs=args.epochs, per_device_train_batch_size=32,
                                      learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10,
@@ -88,6 +92,7 @@ def main() -> None:
         prm_dir = train_prm(PRMScriptArguments(train_file=str(work / "mc_hard.jsonl"), max_length=256), training)
         result["prm_training_seconds"] = round(time.perf_counter() - started, 1)
         result["prm_training_records"] = len(records)
+        result["prm_training_labels"] = f"hard MC, {args.labels}"
 
         # Held-out F1 against the checker on fresh samples of test problems.
         from treetune.rewards.prm_eval_run import sample_arith_trees
