@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--labels", choices=["consensus", "all"], default="consensus",
                         help="train on consensus-filtered MC labels (default) or on all of them")
+    parser.add_argument("--keep_after_error", action="store_true",
+                        help="keep the labels of steps after the first error (default: drop them, as Qwen does)")
     args = parser.parse_args()
 
     from transformers import TrainingArguments
@@ -82,7 +84,7 @@ def main() -> None:
 
         # Hard MC labels after consensus filtering (the judge here is the exact checker): the
         # combination the Qwen2.5-Math-PRM study found best.
-        records = to_stepwise(kept if args.labels == "consensus" else solutions, "hard")
+        records = to_stepwise(kept if args.labels == "consensus" else solutions, "hard", truncate=not args.keep_after_error)
         write_stepwise(records, work / "mc_hard.jsonl")
         training = TrainingArguments(output_dir=str(work / "prm"), num_train_epochs=args.epochs, per_device_train_batch_size=32,
                                      learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10,
@@ -92,7 +94,7 @@ def main() -> None:
         prm_dir = train_prm(PRMScriptArguments(train_file=str(work / "mc_hard.jsonl"), max_length=256), training)
         result["prm_training_seconds"] = round(time.perf_counter() - started, 1)
         result["prm_training_records"] = len(records)
-        result["prm_training_labels"] = f"hard MC, {args.labels}"
+        result["prm_training_labels"] = f"hard MC, {args.labels}, " + ("all steps" if args.keep_after_error else "truncated at the first error")
 
         # Held-out F1 against the checker on fresh samples of test problems.
         from treetune.rewards.prm_eval_run import sample_arith_trees

@@ -43,16 +43,18 @@ class LabelledSolution:
     def mc_first_error(self) -> int:
         return next((i for i, v in enumerate(self.values) if v == 0.0), -1)
 
-    def hard_labels(self) -> list[bool]:
-        """Steps up to and including the first zero-value step; later steps are dropped (Qwen)."""
+    def _end(self, truncate: bool) -> int:
         first = self.mc_first_error
-        end = len(self.values) if first == -1 else first + 1
-        return [v > 0.0 for v in self.values[:end]]
+        return len(self.values) if first == -1 or not truncate else first + 1
 
-    def soft_labels(self) -> list[float]:
-        first = self.mc_first_error
-        end = len(self.values) if first == -1 else first + 1
-        return list(self.values[:end])
+    def hard_labels(self, truncate: bool = True) -> list[bool]:
+        """value > 0 per step; with `truncate`, steps after the first zero-value one are dropped
+        (Qwen's convention). Keeping them gives the PRM wrong steps late in solutions too, so it
+        cannot learn "late means right" from position alone."""
+        return [v > 0.0 for v in self.values[: self._end(truncate)]]
+
+    def soft_labels(self, truncate: bool = True) -> list[float]:
+        return list(self.values[: self._end(truncate)])
 
     def scan_labels(self) -> list[float]:
         """SCAN: correct solutions all 1; else 1 before the first error, 0 at it, and the two steps
@@ -133,13 +135,15 @@ def consensus(solutions: Sequence[LabelledSolution], judge_first_errors: Sequenc
     return [s for s, j in zip(solutions, judge_first_errors) if s.mc_first_error == j]
 
 
-def to_stepwise(solutions: Sequence[LabelledSolution], kind: str = "hard", min_confidence: float = 0.0) -> list[dict]:
-    """TRL-style records with hard, soft or SCAN labels (SCAN drops problems below `min_confidence`)."""
+def to_stepwise(solutions: Sequence[LabelledSolution], kind: str = "hard", min_confidence: float = 0.0,
+                truncate: bool = True) -> list[dict]:
+    """TRL-style records with hard, soft or SCAN labels (SCAN drops problems below `min_confidence`;
+    `truncate` drops hard / soft labels after the first zero-value step)."""
     out = []
     for s in solutions:
         if kind == "scan" and s.confidence < min_confidence:
             continue
-        labels = {"hard": s.hard_labels, "soft": s.soft_labels, "scan": s.scan_labels}[kind]()
+        labels = s.scan_labels() if kind == "scan" else {"hard": s.hard_labels, "soft": s.soft_labels}[kind](truncate)
         if labels:
             out.append({"prompt": s.prompt, "completions": s.steps[: len(labels)], "labels": labels})
     return out
