@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--eval_problems", type=int, default=300)
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--epochs", type=float, default=12.0)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--labels", choices=["consensus", "all"], default="consensus",
                         help="train on consensus-filtered MC labels (default) or on all of them")
     parser.add_argument("--keep_after_error", action="store_true",
@@ -87,7 +88,7 @@ def main() -> None:
         records = to_stepwise(kept if args.labels == "consensus" else solutions, "hard", truncate=not args.keep_after_error)
         write_stepwise(records, work / "mc_hard.jsonl")
         training = TrainingArguments(output_dir=str(work / "prm"), num_train_epochs=args.epochs, per_device_train_batch_size=32,
-                                     learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10,
+                                     learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10,
                                      save_strategy="no", report_to=[], seed=0, disable_tqdm=True, remove_unused_columns=False,
                                      bf16=False)
         started = time.perf_counter()

@@ -76,6 +76,7 @@ def test_short_training_run_loss_falls_and_scores(tmp_path, tiny_policy_path):
     out = tmp_path / "prm"
     command = [sys.executable, str(ROOT / "launch" / "train_prm.py"), "--config", str(ROOT / "configs" / "prm" / "arith.yaml"),
                "--train_file", str(tmp_path / "labels.jsonl"), "--output_dir", str(out), "--logging_steps", "4",
+               "--num_train_epochs", "1", "--learning_rate", "0.001",
                "--disable_tqdm", "true"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
