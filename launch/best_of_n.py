@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> dict:
     from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees, rollout_args, sample
     from treetune.rewards.grading import Grader
     from treetune.rewards.selectors import get_selector
-    from treetune.rollouts.job import make_engine
+    from treetune.rollouts.job import default_prompt_style, make_engine
 
     (args,) = TrlParser((BestOfNArgs,)).parse_args_and_config(argv)
     for name in args.selectors.split(","):
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.trees_path:
             model = args.model_name_or_path or tiny_policy()
             engine = make_engine(rollout_args(args), model)
-            style = args.prompt_style or ("bare" if not args.model_name_or_path else
-                                          "chat" if getattr(engine.tokenizer, "chat_template", None) else "plain")
+            style = default_prompt_style(args.prompt_style, bool(args.model_name_or_path), engine.tokenizer)
             try:
                 sample(args, engine, problems, PromptTemplate(style=style), grader)
             finally:

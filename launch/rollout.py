@@ -19,14 +19,13 @@ def main(argv: list[str] | None = None) -> dict:
     from treetune.data.arith import tiny_policy
     from treetune.rewards.grading import Grader
     from treetune.rewards.outcome import score_outcomes
-    from treetune.rollouts.job import RolloutArgs, make_engine, run_rollout
+    from treetune.rollouts.job import RolloutArgs, default_prompt_style, make_engine, run_rollout
 
     (args,) = TrlParser((RolloutArgs,)).parse_args_and_config(argv)
     model = args.model_name_or_path or tiny_policy()
     problems = load_problems(args.source, args.split, path=args.data_path, limit=args.limit, seed=0)
     engine = make_engine(args, model)
-    style = args.prompt_style or ("bare" if not args.model_name_or_path else
-                                  "chat" if getattr(engine.tokenizer, "chat_template", None) else "plain")
+    style = default_prompt_style(args.prompt_style, bool(args.model_name_or_path), engine.tokenizer)
     try:
         with Grader() as grader:
             scorer = (lambda trees: score_outcomes(trees, grader)) if args.grade else None

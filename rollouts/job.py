@@ -89,6 +89,15 @@ def make_engine(args: RolloutArgs, model: str):
     raise ValueError(f"unknown engine {args.engine!r}; expected vllm, servers or hf")
 
 
+def default_prompt_style(requested: str | None, model_given: bool, tokenizer) -> str:
+    """The asked-for style, else bare for the tiny policy, chat when the tokenizer has a template, else plain."""
+    if requested:
+        return requested
+    if not model_given:
+        return "bare"
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
 def new_tree(problem: Problem, template: PromptTemplate, tokenizer) -> ReasoningTree:
     prompt = template.render(problem.question, tokenizer)
     return ReasoningTree(problem_id=problem.id, prompt=prompt, prompt_ids=template.render_ids(problem.question, tokenizer),
@@ -150,13 +159,14 @@ def run_rollout(args: RolloutArgs, engine, tokenizer, problems: Sequence[Problem
                 bar.update(1)
         bar.close()
     seconds = time.time() - started
-    trees = [t for t in read_trees(out / "trees") if t.problem_id in {p.id for p in problems}]
+    wanted, new = {p.id for p in problems}, {p.id for p in todo}
+    trees = [t for t in read_trees(out / "trees") if t.problem_id in wanted]
     summary = summarise(trees)
     summary["new_trees"] = len(todo)
     summary["seconds_this_run"] = round(seconds, 2)
     summary["prompt_tokens_sent_this_run"] = engine.counters.prompt_tokens - prompt_tokens_before
     if todo:
-        summary["new_trajectories_per_second"] = sum(len(t.leaves()) for t in trees if t.problem_id in {p.id for p in todo}) / seconds
+        summary["new_trajectories_per_second"] = sum(len(t.leaves()) for t in trees if t.problem_id in new) / seconds
     stats_after = engine.prefix_cache_stats() if hasattr(engine, "prefix_cache_stats") else None
     if stats_before and stats_after and stats_after["queries"] > stats_before["queries"]:
         summary["prefix_cache_hit_rate"] = (stats_after["hits"] - stats_before["hits"]) / (stats_after["queries"] - stats_before["queries"])
