@@ -13,6 +13,7 @@ class EvalPRMArgs:
     output_dir: str = "outputs/eval_prm"
     scorer: str = "prm"  # prm | arith_checker
     prm_path: str | None = None
+    prm_format: str = "treetune"  # treetune | qwen (Qwen2.5-Math-PRM) | shepherd (Math-Shepherd)
     separator: str = "\n"
     processbench: str = ""  # comma-separated ProcessBench-format files; the split is the file name
     arith_trees: str | None = None  # trees of arith solutions (launch/rollout.py, launch/best_of_n.py)
@@ -36,9 +37,9 @@ def make_scorer(args: EvalPRMArgs):
     if args.scorer == "prm":
         if not args.prm_path:
             raise ValueError("scorer 'prm' needs --prm_path")
-        from .prm import DiscriminativePRM
+        from .released_prms import load_prm
 
-        return DiscriminativePRM(args.prm_path, separator=args.separator)
+        return load_prm(args.prm_path, args.prm_format, separator=args.separator)
     raise ValueError(f"unknown scorer {args.scorer!r}; expected prm or arith_checker")
 
 

@@ -1,0 +1,34 @@
+"""Step-DPO pairs from a policy's own samples: `python launch/step_dpo_data.py --config configs/step_dpo_data.yaml`.
+
+Writes to --output_dir: `samples/trees/` (the sampled solutions), `pairs.jsonl` (the public
+Step-DPO record plus provenance), `status.jsonl` (per problem: pairs made, or why none) and
+`summary.json`. Run it again on the same folder to resume. All logic lives in
+`treetune.trainers.step_dpo_data`.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from trl import TrlParser
+
+    from treetune.data import PromptTemplate, load_problems
+    from treetune.data.arith import tiny_policy
+    from treetune.rewards.grading import Grader
+    from treetune.rollouts.engines import VLLMEngine
+    from treetune.rollouts.job import default_prompt_style
+    from treetune.trainers.step_dpo_data import StepDPODataArgs, build_pairs
+
+    (args,) = TrlParser((StepDPODataArgs,)).parse_args_and_config(argv)
+    problems = load_problems(args.source, args.split, path=args.data_path, limit=args.limit, seed=0)
+    with Grader() as grader, VLLMEngine(args.model_name_or_path or tiny_policy(), kv_cache_gb=args.kv_cache_gb) as engine:
+        style = default_prompt_style(args.prompt_style, bool(args.model_name_or_path), engine.tokenizer)
+        summary = build_pairs(args, engine, grader, engine.tokenizer, problems, PromptTemplate(style=style))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
