@@ -72,6 +72,7 @@ def candidates(tree: ReasoningTree) -> list[Candidate]:
             text=tree.path_text(leaf.id), answer=leaf.scores.get("answer"), correct=bool(leaf.scores["outcome"]),
             answer_class=leaf.scores.get("answer_class"), tokens=len(tree.path_token_ids(leaf.id)),
             logprob_mean=sum(logprobs) / len(logprobs) if logprobs else None,
+            logprob_sum=sum(logprobs) if logprobs else None,
             scores={k: v for k, v in leaf.scores.items() if k not in ("outcome", "answer", "answer_class")}))
     return out
 

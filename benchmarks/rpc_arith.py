@@ -1,0 +1,194 @@
+"""RPC against self-consistency on arith with the tiny policy: accuracy against N for majority (SC),
+RPC and its ablations, and the smallest N at which RPC matches SC@N_max (the paper: half the samples).
+
+    python benchmarks/rpc_arith.py --output rpc_arith.json [--problems 300] [--n 64] [--trees DIR]
+
+Samples go to DIR/trees (default outputs/rpc_arith, resumable), so a rerun skips sampling. Every
+N < N_max averages `--resamples` random subsets of each problem's samples; N_max uses them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+SELECTORS = ["majority", "rpc", "rpc_mean", "pc", "pc_mean", "rpc_code", "max_logprob"]
+LABELS = {"majority": "self-consistency (SC)", "rpc": "RPC (joint p, distinct)", "rpc_mean": "RPC (mean p, every path)",
+          "pc": "PC, no pruning", "pc_mean": "mean-p votes, no pruning", "rpc_code": "RPC as the authors' code (mean p, distinct)",
+          "max_logprob": "max mean log-prob"}
+
+
+def register_ablations() -> None:
+    """`pc_mean`: `rpc_mean` without pruning (what pruning adds). `rpc_code`: the authors' code
+    exactly: pruning, then length-normalised p summed over distinct completion texts
+    (rewards/rpc.py explains why treetune's `rpc` sums joint probabilities instead)."""
+    from treetune.rewards.rpc import consistency_weights, prune_mask
+    from treetune.rewards.selectors import SELECTORS as REGISTRY, class_vote_weights, consistency_selector, register
+
+    if "rpc_code" in REGISTRY:
+        return
+    register("pc_mean")(consistency_selector(prune=False, joint=False))
+
+    @register("rpc_code")
+    def rpc_code(candidates):
+        usable = [i for i, c in enumerate(candidates) if c.logprob_mean is not None]
+        if not usable:
+            return None
+        p = [math.exp(candidates[i].logprob_mean) for i in usable]
+        votes = consistency_weights(p, [candidates[i].text for i in usable], prune_mask(p))
+        weights = [0.0] * len(candidates)
+        for i, v in zip(usable, votes):
+            weights[i] = v
+        return class_vote_weights(candidates, weights)
+
+
+def smallest_matching_n(metrics: dict, name: str, target: float, tolerance: float) -> int | None:
+    for n in metrics["n_values"]:
+        if metrics["selectors"][name][str(n)]["accuracy"] >= target - tolerance - 1e-12:
+            return n
+    return None
+
+
+def pruning_stats(per_problem: dict) -> dict:
+    """At N_max: how many paths RPC prunes, and how often pruned and kept paths are right."""
+    from treetune.rewards.rpc import fit_weibull_mixture, prune_mask
+
+    pruned_right = pruned = kept_right = kept = 0
+    started = time.perf_counter()
+    for cands in per_problem.values():
+        usable = [c for c in cands if c.logprob_mean is not None]
+        p = [math.exp(c.logprob_mean) for c in usable]
+        mask = prune_mask(p, fit_weibull_mixture(p))  # fitted here, not from the selectors' cache: timed
+        for c, m in zip(usable, mask):
+            if m:
+                pruned += 1
+                pruned_right += c.correct
+            else:
+                kept += 1
+                kept_right += c.correct
+    return {"paths": pruned + kept, "pruned_fraction": pruned / max(1, pruned + kept),
+            "pruned_paths_correct_rate": pruned_right / max(1, pruned),
+            "kept_paths_correct_rate": kept_right / max(1, kept),
+            "fit_and_prune_ms_per_problem": 1000 * (time.perf_counter() - started) / max(1, len(per_problem))}
+
+
+def plot(metrics: dict, target: float, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_values = metrics["n_values"]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    for name in SELECTORS:
+        by_n = metrics["selectors"][name]
+        mean = [by_n[str(n)]["accuracy"] for n in n_values]
+        std = [by_n[str(n)]["std"] for n in n_values]
+        bold = name in ("majority", "rpc", "rpc_mean")
+        ax.plot(n_values, mean, marker="o", lw=2 if bold else 1, alpha=1 if bold else 0.6, label=LABELS[name],
+                ls="-" if bold else "--")
+        if name in ("majority", "rpc"):
+            ax.fill_between(n_values, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+    ax.axhline(target, color="grey", ls=":", label=f"SC@{n_values[-1]} = {target:.3f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n_values, [str(n) for n in n_values])
+    ax.set_xlabel("N (samples per problem)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--problems", type=int, default=300)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--trees", default="outputs/rpc_arith", help="rollout folder; samples live in DIR/trees")
+    parser.add_argument("--resamples", type=int, default=8, help="random subsets averaged at each N < n")
+    parser.add_argument("--tolerance", type=float, default=0.005,
+                        help="RPC 'matches' SC@n when within this much accuracy (also reported strictly)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, help="PNG path (default: the output with .png)")
+    args = parser.parse_args()
+    # L-BFGS-B calls BLAS on 5x5 matrices; OpenBLAS threads only contend there (10-40x slower on 2 cores).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+    from treetune.data import PromptTemplate, load_problems
+    from treetune.data.arith import tiny_policy
+    from treetune.rewards.best_of_n import assign_answer_classes, candidates, evaluate, sweep
+    from treetune.rewards.best_of_n_run import BestOfNArgs, rollout_args, sample
+    from treetune.rewards.grading import Grader
+    from treetune.rewards.outcome import score_outcomes
+    from treetune.rollouts.job import make_engine
+    from treetune.rollouts.tree_io import read_trees
+
+    register_ablations()
+    run = BestOfNArgs(output_dir=args.trees, limit=args.problems, n=args.n, max_tokens=128, seed=args.seed)
+    problems = load_problems("arith", "test", limit=args.problems)
+    wanted = {p.id for p in problems}
+    tree_dir = Path(args.trees) / "trees"
+    result: dict = {"problems": len(problems), "n": args.n, "resamples": args.resamples, "tolerance": args.tolerance,
+                    "policy": "tiny arith policy", "temperature": run.temperature, "max_tokens": run.max_tokens}
+    with Grader() as grader:
+        have = {t.problem_id for t in read_trees(tree_dir)} if tree_dir.exists() else set()
+        if wanted - have:
+            engine = make_engine(rollout_args(run), tiny_policy())
+            try:
+                started = time.perf_counter()
+                summary = sample(run, engine, problems, PromptTemplate(style="bare"), grader)
+                result["sampling_seconds"] = round(time.perf_counter() - started, 1)
+                result["new_trees"] = summary["new_trees"]
+            finally:
+                engine.close()
+        else:
+            result["sampling_seconds"] = 0.0  # every tree was on disk already
+        trees = [t for t in read_trees(tree_dir) if t.problem_id in wanted]
+        unscored = [t for t in trees if any("outcome" not in l.scores for l in t.leaves())]
+        if unscored:
+            score_outcomes(unscored, grader)
+        assign_answer_classes(trees, grader)
+    per_problem = {t.problem_id: candidates(t) for t in trees}
+    repeats = sum(len(c) - len({x.text for x in c}) for c in per_problem.values())
+    result["samples_repeating_an_earlier_one_word_for_word"] = repeats / sum(len(c) for c in per_problem.values())
+    n_max = min(len(c) for c in per_problem.values())
+    started = time.perf_counter()
+    metrics = evaluate(per_problem, SELECTORS, sweep(n_max), args.resamples, args.seed)
+    result["evaluation_seconds"] = round(time.perf_counter() - started, 1)
+
+    target = metrics["selectors"]["majority"][str(n_max)]["accuracy"]
+    result["sc_at_n_max"] = target
+    result["rpc_at_n_max"] = metrics["selectors"]["rpc"][str(n_max)]["accuracy"]
+    result["rpc_best"] = max((cell["accuracy"], int(n)) for n, cell in metrics["selectors"]["rpc"].items())
+    result["smallest_n_matching_sc_at_n_max"] = {
+        name: {"strict": smallest_matching_n(metrics, name, target, 0.0),
+               "within_tolerance": smallest_matching_n(metrics, name, target, args.tolerance)} for name in SELECTORS}
+    result["sc_at_n_max_standard_error"] = math.sqrt(target * (1 - target) / len(problems))
+    result["target_n_at_most"] = n_max // 2
+    result["pruning_at_n_max"] = pruning_stats(per_problem)
+    result["accuracy"] = {name: {n: cell["accuracy"] for n, cell in by_n.items()} for name, by_n in metrics["selectors"].items()}
+    result["std_across_resamples"] = {name: {n: cell["std"] for n, cell in by_n.items()} for name, by_n in metrics["selectors"].items()}
+    result["false_positive_rate"] = {name: {n: cell["false_positive_rate"] for n, cell in by_n.items()}
+                                     for name, by_n in metrics["selectors"].items()}
+    result["pass_at_k"] = metrics["pass_at_k"]
+    plot_path = args.plot or str(Path(args.output).with_suffix(".png"))
+    plot(metrics, target, plot_path, f"RPC vs self-consistency on arith ({len(problems)} problems, tiny policy, "
+                                     f"{args.resamples} subsets per N)")
+    result["plot"] = plot_path
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    header = "| selector | " + " | ".join(f"N={n}" for n in metrics["n_values"]) + " |"
+    print(header)
+    for name in SELECTORS:
+        print(f"| {name} | " + " | ".join(f"{result['accuracy'][name][str(n)]:.3f}" for n in metrics["n_values"]) + " |")
+    print({k: v for k, v in result.items() if k not in ("accuracy", "std_across_resamples", "false_positive_rate", "pass_at_k")})
+
+
+if __name__ == "__main__":
+    main()
