@@ -64,6 +64,9 @@ def verify_answer(gold: str, predicted: str, timeout: float | None = None) -> bo
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
 
 
+verify_answer.sandbox_warmup = ("1/2", "0.5", None)  # run once when a worker starts (math-verify's imports)
+
+
 def _quick_verdict(output: str, gold: str, shortcut: bool) -> tuple[bool | None, str | None]:
     """(verdict, extracted answer): a verdict when no math-verify call is needed, else None."""
     predicted = extract_answer(output) if isinstance(output, str) else None

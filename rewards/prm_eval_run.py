@@ -13,7 +13,7 @@ class EvalPRMArgs:
     output_dir: str = "outputs/eval_prm"
     scorer: str = "prm"  # prm | arith_checker
     prm_path: str | None = None
-    prm_format: str = "treetune"  # treetune | qwen (Qwen2.5-Math-PRM) | shepherd (Math-Shepherd)
+    prm_format: str = "treetune"  # treetune | qwen (Qwen2.5-Math-PRM) | shepherd (Math-Shepherd) | thinkprm | grounded_gen
     separator: str = "\n"
     processbench: str = ""  # comma-separated ProcessBench-format files; the split is the file name
     arith_trees: str | None = None  # trees of arith solutions (launch/rollout.py, launch/best_of_n.py)

@@ -182,13 +182,13 @@ class MathShepherdPRM:
         return _fill_missing(out, solutions)
 
 
-PRM_FORMATS = ("treetune", "qwen", "shepherd")
+PRM_FORMATS = ("treetune", "qwen", "shepherd", "thinkprm", "grounded_gen")
 
 
 def load_prm(path: str, fmt: str = "treetune", separator: str = "\n", **kwargs):
     """A step scorer for a PRM checkpoint in one of the supported conventions: `treetune` (trained
     by launch/train_prm.py, label at the separator), `qwen` (Qwen2.5-Math-PRM), `shepherd`
-    (Math-Shepherd)."""
+    (Math-Shepherd), `thinkprm` (ThinkPRM), `grounded_gen` (generative GroundedPRM)."""
     if fmt == "treetune":
         from .prm import DiscriminativePRM
 
@@ -197,4 +197,14 @@ def load_prm(path: str, fmt: str = "treetune", separator: str = "\n", **kwargs):
         return QwenMathPRM(path, **kwargs)
     if fmt == "shepherd":
         return MathShepherdPRM(path, **kwargs)
+    if fmt == "thinkprm":  # a generative verifier (launch/think_prm_data.py + launch/sft.py), on vLLM
+        from .think_prm import ThinkPRM
+
+        kwargs.pop("separator", None)
+        return ThinkPRM(path, **kwargs)
+    if fmt == "grounded_gen":  # the generative GroundedPRM (launch/grounded_prm_data.py + launch/sft.py)
+        from .grounded_gen_prm import GroundedGenPRM
+
+        kwargs.pop("separator", None)
+        return GroundedGenPRM(path, **kwargs)
     raise ValueError(f"unknown PRM format {fmt!r}; expected one of {', '.join(PRM_FORMATS)}")

@@ -27,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+# A fresh worker may take long to start and import on a busy machine; that is not a hung call.
+STARTUP_TIMEOUT = 120.0
+
 
 @dataclass
 class CallResult:
@@ -47,6 +50,25 @@ class _Worker:
             bufsize=0,
         )
         self._pending = b""  # bytes read from the worker beyond the last full line
+        self.loaded: set[str] = set()
+
+    def load(self, fn: str, timeout: float) -> CallResult:
+        """Start-up and the import of `fn`'s module, bounded by its own (generous) `timeout`, so a
+        busy machine's slow start is never mistaken for a hung call."""
+        try:
+            self.proc.stdin.write((json.dumps({"fn": fn, "load": True}) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return CallResult(False, error="worker died before the call")
+        line = self._read_line(timeout)
+        if line is None:
+            return CallResult(False, error=f"timed out after {timeout:g}s starting the worker")
+        if not line:
+            return CallResult(False, error="worker died while starting")
+        reply = json.loads(line)
+        if reply["ok"]:
+            self.loaded.add(fn)
+        return CallResult(reply["ok"], error=reply.get("error"))
 
     def call_batch(self, fn: str, arg_lists: Sequence[Sequence[Any]], timeout: float) -> list[CallResult]:
         """Run `fn` on each argument list in turn; each result must arrive within `timeout`.
@@ -147,6 +169,15 @@ class SandboxPool:
                     if worker is not None:
                         self._retire(worker)
                     worker = self._spawn()
+                if fn not in worker.loaded:
+                    started = worker.load(fn, STARTUP_TIMEOUT)
+                    if not started.ok:  # the function cannot even be loaded: every call fails alike
+                        self._retire(worker)
+                        worker = None
+                        results += [started] * (len(arg_lists) - len(results))
+                        if on_done is not None:
+                            on_done(len(arg_lists))
+                        break
                 got = worker.call_batch(fn, arg_lists[len(results):], timeout)
                 results += got
                 if on_done is not None:

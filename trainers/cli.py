@@ -12,12 +12,18 @@ def _cuda() -> bool:
 
 
 def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """TRL's parser over `dataclass_types`, with one CPU-friendly default.
+    """TRL's parser over `dataclass_types`, with CPU-friendly defaults.
 
     Recipes for real models ask for bf16, which transformers refuses on a machine without a GPU
     unless told to train on the CPU; there, bf16 is switched off unless the command line sets it.
+    On such a machine `accelerate launch` with DDP or DeepSpeed configs runs over gloo
+    (`treetune.trainers.distributed.enable_cpu_distributed`, a no-op with a GPU).
     """
     from trl import TrlParser
+
+    from .distributed import enable_cpu_distributed
+
+    enable_cpu_distributed()  # before the training arguments set up the distributed state
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not _cuda() and not any(a == "--bf16" or a.startswith("--bf16=") for a in argv):

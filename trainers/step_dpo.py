@@ -177,6 +177,8 @@ def run_step_dpo(script_args: StepDPOScriptArguments, config: StepDPOConfig, mod
     from treetune.data.step_pairs import load_step_pairs
     from treetune.rollouts.job import default_prompt_style
 
+    from .distributed import save_final_model
+
     set_seed(config.seed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,32 +199,17 @@ def run_step_dpo(script_args: StepDPOScriptArguments, config: StepDPOConfig, mod
     trainer = StepDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=get_peft_config(model_args))
     result = trainer.train(resume_from_checkpoint=resume_point(config))
-    save_final_model(trainer, tokenizer, out)
+    save_final_model(trainer, out, tokenizer)  # vLLM-loadable: LoRA merged, ZeRO-3 weights gathered
     if trainer.accelerator.is_main_process:
         metrics = dict(result.metrics, steps=trainer.state.global_step, prompt_style=style,
-                       padding_share=trainer.padding_meter.padding_share, skipped_rows=len(report),
+                       padding_share=trainer.padding_meter.padding_share, real_tokens=trainer.padding_meter.real,
+                       pair_tokens_per_second=trainer.padding_meter.real / max(result.metrics["train_runtime"], 1e-9),
+                       skipped_rows=len(report),
                        skipped=[str(e) for e in report.skipped[:20]], **tokenize_report,
                        world_size=trainer.accelerator.num_processes,
                        loss_history=[h["loss"] for h in trainer.state.log_history if "loss" in h])
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return out
-
-
-def save_final_model(trainer, tokenizer, out: Path) -> None:
-    """The final weights as a plain checkpoint vLLM loads: LoRA merged into the base, 16-bit
-    gathered weights under ZeRO-3 (stage3_gather_16bit_weights_on_model_save)."""
-    from peft import PeftModel
-
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(unwrapped, PeftModel) and not trainer.is_deepspeed_enabled:
-        if trainer.accelerator.is_main_process:
-            trainer.save_model(str(out / "adapter"))
-            unwrapped.merge_and_unload().save_pretrained(str(out))
-    else:
-        trainer.save_model(str(out))
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(str(out))
-    trainer.accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> Path:

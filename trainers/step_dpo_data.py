@@ -55,6 +55,10 @@ class StepDPODataArgs:
     verify_chosen: bool = False  # also require the scorer to accept the chosen step (the paper's optional filter)
     batch_problems: int = 64
     kv_cache_gb: float | None = None
+    # or: pairs read off existing scored trees (launch/rollout.py TreePO, MCTS) at branching nodes
+    trees_path: str | None = None
+    value_key: str = "outcome"  # node value: MCTS `q`, or the subtree's outcome share
+    margin: float = 0.5  # least value gap between the two siblings of a pair
 
 
 def raw_steps(text: str, delimiter: str) -> list[str]:
@@ -182,15 +186,16 @@ def rectify(located: list[dict], engine, grader, scorer, args: StepDPODataArgs, 
             golds.append(job["tree"].answer)
             owners.append((i, completion.text))
     verdicts = grader.grade_many(outputs, golds)
-    candidates: dict[int, list[str]] = {}
+    candidates: dict[int, dict[str, str]] = {}  # first step -> the first full continuation that began with it
     for (i, text), correct in zip(owners, verdicts):
         step = first_step(text, delimiter)
         if correct and step.strip():
-            candidates.setdefault(i, []).append(step)
+            candidates.setdefault(i, {}).setdefault(step, text)
     pairs = []
     for i, job in enumerate(located):
         rejected = job["steps"][job["k"]]
-        chosen = list(dict.fromkeys(s for s in candidates.get(i, []) if s.strip() != rejected.strip()))
+        full = candidates.get(i, {})
+        chosen = [s for s in full if s.strip() != rejected.strip()]
         if args.verify_chosen and chosen:
             question = job["tree"].problem.get("question", job["tree"].prompt)
             head = [s.strip() for s in job["steps"][: job["k"]]]
@@ -201,7 +206,9 @@ def rectify(located: list[dict], engine, grader, scorer, args: StepDPODataArgs, 
         for c in chosen[: args.max_pairs_per_error]:
             pairs.append(StepPair(prompt=question, initial_reason_steps=job["prefix"], chosen=c, rejected=rejected,
                                   answer=job["tree"].answer, problem_id=job["tree"].problem_id, step_index=job["k"],
-                                  origin="first_error"))
+                                  origin="first_error",
+                                  # the whole continuations, as the public data keeps them (for whole-solution DPO)
+                                  extra={"full_chosen": full[c], "full_rejected": "".join(job["steps"][job["k"]:])}))
     return pairs
 
 
@@ -287,5 +294,32 @@ def build_pairs(args: StepDPODataArgs, engine, grader, tokenizer, problems, temp
     summary = {"problems": len(problems), "problems_with_pairs": statuses.get("pairs", 0), "pairs": total_pairs,
                "why_no_pairs": {k: v for k, v in statuses.items() if k != "pairs"},
                "pairs_file": str(state.pairs_path)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def pairs_from_trees(args: StepDPODataArgs, grader) -> dict:
+    """Branching-node pairs of every tree under `args.trees_path`, graded first where needed."""
+    from treetune.rewards.outcome import score_outcomes
+    from treetune.rollouts.tree_io import read_trees
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trees = list(read_trees(args.trees_path))
+    if not trees:
+        raise ValueError(f"{args.trees_path}: no trees found")
+    ungraded = [t for t in trees if any("outcome" not in l.scores for l in t.leaves())]
+    if ungraded:
+        score_outcomes(ungraded, grader)
+    pairs, why = [], Counter()
+    for tree in trees:
+        mine = tree_branch_pairs(tree, args.value_key, args.margin)
+        if not mine:
+            why["no branching node with a value gap" if len(tree.leaves()) > 1 else "a single path"] += 1
+        pairs += mine
+    path = out / "pairs.jsonl"
+    path.write_text("".join(p.to_json() + "\n" for p in pairs))
+    summary = {"problems": len(trees), "problems_with_pairs": len({p.problem_id for p in pairs}), "pairs": len(pairs),
+               "why_no_pairs": dict(why), "pairs_file": str(path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

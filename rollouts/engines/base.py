@@ -19,6 +19,8 @@ class SamplingSettings:
     stop: Sequence[str] = ()
     seed: int | None = None
     logprobs: bool = True
+    include_stop: bool = False  # keep the matched stop string at the end of the text (step search needs it)
+    top_logprobs: int = 0  # also return the k likeliest tokens' log-probs at each generated position (verifiers read P(yes))
 
     def __post_init__(self) -> None:
         if self.temperature == 0 and self.n != 1:
@@ -38,6 +40,7 @@ class Completion:
     text: str
     logprobs: list[float] | None
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    top_logprobs: list[dict[int, float]] | None = None  # per position: token id -> log-prob, when asked
 
 
 @dataclass

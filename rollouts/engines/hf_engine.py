@@ -56,7 +56,8 @@ class HFEngine:
             )
         new = out.sequences[:, prompt.shape[1]:]
         # scores are the processed logits (after temperature / top-p), one tensor per step
-        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1) if s.logprobs else None
+        logprobs = (torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1)
+                    if s.logprobs or s.top_logprobs > 0 else None)
         completions = []
         for row in range(s.n):
             ids = new[row].tolist()
@@ -69,12 +70,18 @@ class HFEngine:
             if s.stop and reason == "length":
                 for stop in s.stop:
                     if stop in text:
-                        text, reason = text[: text.index(stop)], "stop"
+                        end = text.index(stop) + (len(stop) if s.include_stop else 0)
+                        text, reason = text[:end], "stop"
                         break
-            token_logprobs = None
-            if logprobs is not None:
+            token_logprobs = top = None
+            if logprobs is not None and s.logprobs:
                 token_logprobs = [float(logprobs[row, i, t]) for i, t in enumerate(ids)]
-            completions.append(Completion(ids, text, token_logprobs, reason))
+            if logprobs is not None and s.top_logprobs > 0:
+                top = []
+                for i in range(len(ids)):
+                    values, indices = torch.topk(logprobs[row, i], min(s.top_logprobs, logprobs.shape[-1]))
+                    top.append({int(t): float(v) for t, v in zip(indices, values)})
+            completions.append(Completion(ids, text, token_logprobs, reason, top))
         return RequestResult(completions, len(request.prompt_ids))
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:

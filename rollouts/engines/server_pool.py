@@ -122,6 +122,7 @@ class VLLMServerPool:
             payload["logprobs"] = 0
         if s.stop:
             payload["stop"] = list(s.stop)
+            payload["include_stop_str_in_output"] = s.include_stop
         return payload
 
     @staticmethod

@@ -104,7 +104,9 @@ class VLLMEngine:
                 max_tokens=room[i],
                 stop=list(requests[i].sampling.stop) or None,
                 seed=requests[i].sampling.seed,
-                logprobs=0 if requests[i].sampling.logprobs else None,
+                logprobs=(requests[i].sampling.top_logprobs if requests[i].sampling.top_logprobs > 0
+                          else 0 if requests[i].sampling.logprobs else None),
+                include_stop_str_in_output=requests[i].sampling.include_stop,
             )
             for i in runnable
         ]
@@ -118,10 +120,17 @@ class VLLMEngine:
             out = by_index[i]
             completions = []
             for c in out.outputs:
-                logprobs = None
+                logprobs = top = None
                 if c.logprobs is not None:
                     logprobs = [step[token].logprob for step, token in zip(c.logprobs, c.token_ids)]
-                completions.append(Completion(list(c.token_ids), c.text, logprobs, c.finish_reason or "stop"))
+                    if requests[i].sampling.top_logprobs > 0:
+                        # vLLM adds the sampled token to the top k; keep only the ranks within k
+                        k = requests[i].sampling.top_logprobs
+                        top = [{t: lp.logprob for t, lp in step.items() if lp.rank is not None and lp.rank <= k}
+                               for step in c.logprobs]
+                    if not request.sampling.logprobs:
+                        logprobs = None
+                completions.append(Completion(list(c.token_ids), c.text, logprobs, c.finish_reason or "stop", top))
             results.append(RequestResult(completions, len(out.prompt_token_ids or [])))
         self.counters.add(results)
         return results

@@ -1,0 +1,131 @@
+"""Step-DPO on the proving ground: pairs from the tiny policy's own samples (errors located by the
+exact checker), greedy accuracy on 500 arith test problems before and after, Step-DPO against
+plain DPO on whole solutions built from the same samples (same pairs, same steps), and training
+throughput and padding against TRL's plain DPOTrainer on the same step pairs.
+
+    python benchmarks/step_dpo_arith.py --output step_dpo_arith.json [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def train_args(out: Path, a, **extra) -> list[str]:
+    argv = ["--output_dir", str(out), "--beta", str(a.beta), "--learning_rate", str(a.learning_rate),
+            "--num_train_epochs", str(a.epochs), "--per_device_train_batch_size", str(a.batch_size),
+            "--max_length", "256", "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
+            "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--seed", "0", "--disable_tqdm", "true"]
+    for key, value in extra.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def plain_dpo(records: list[dict], out: Path, a, policy: str) -> dict:
+    """TRL's DPOTrainer as it comes (EOS appended, its own tokenisation), for the comparisons."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from treetune.trainers.step_dpo import PaddingMeter
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    config = DPOConfig(output_dir=str(out), beta=a.beta, learning_rate=a.learning_rate, num_train_epochs=a.epochs,
+                       per_device_train_batch_size=a.batch_size, max_length=256, logging_steps=10, report_to=[],
+                       save_strategy="no", lr_scheduler_type="cosine", warmup_steps=0.1, seed=0, disable_tqdm=True,
+                       bf16=False)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy), args=config,
+                         train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    trainer.data_collator = meter = PaddingMeter(trainer.data_collator)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    return {"seconds": seconds, "pair_tokens_per_second": meter.real / seconds, "padding_share": meter.padding_share,
+            "steps": trainer.state.global_step}
+
+
+def greedy(model: str, problems, template) -> float:
+    from treetune.rewards.evaluation import greedy_eval
+    from treetune.rollouts.engines import VLLMEngine
+
+    with VLLMEngine(model) as engine:
+        metrics, _ = greedy_eval(engine, engine.tokenizer, problems, template, max_tokens=128, progress=False)
+    return metrics["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--train_problems", type=int, default=1000)
+    parser.add_argument("--eval_problems", type=int, default=500)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--learning_rate", type=float, default=2e-5)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch_size", type=int, default=16)
+    a = parser.parse_args()
+
+    from treetune.data import PromptTemplate, load_problems
+    from treetune.data.arith import tiny_policy
+    from treetune.data.step_pairs import dpo_prompt, load_step_pairs
+    from treetune.rewards.grading import Grader
+    from treetune.rollouts.engines import VLLMEngine
+    from treetune.trainers.step_dpo import main as step_dpo
+    from treetune.trainers.step_dpo_data import StepDPODataArgs, build_pairs
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="step_dpo_arith_"))
+    work.mkdir(parents=True, exist_ok=True)
+    policy = tiny_policy()
+    template = PromptTemplate(style="bare")
+    result: dict = {"settings": vars(a)}
+
+    data_args = StepDPODataArgs(output_dir=str(work / "pairs"), limit=a.train_problems, max_tokens=128)
+    started = time.perf_counter()
+    with Grader() as grader, VLLMEngine(policy) as engine:
+        result["pairs"] = build_pairs(data_args, engine, grader, engine.tokenizer,
+                                      load_problems("arith", "train", limit=a.train_problems), template)
+    result["pairs"]["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result["pairs"], indent=2), flush=True)
+    pairs_file = result["pairs"]["pairs_file"]
+    pairs, _ = load_step_pairs(pairs_file)
+
+    test = load_problems("arith", "test", limit=a.eval_problems)
+    result["greedy_accuracy_before"] = greedy(policy, test, template)
+
+    started = time.perf_counter()
+    step_out = step_dpo(["--pairs", pairs_file] + train_args(work / "step_dpo", a))
+    step_metrics = json.loads((step_out / "metrics.json").read_text())
+    result["step_dpo"] = {"greedy_accuracy_after": greedy(str(step_out), test, template),
+                          "seconds": round(time.perf_counter() - started, 1), "steps": step_metrics["steps"]}
+    print(json.dumps(result["step_dpo"], indent=2), flush=True)
+
+    # whole-solution DPO from the same samples: problem -> prefix + whole correct continuation
+    # against prefix + the whole wrong solution from its error on
+    whole = [{"prompt": dpo_prompt(p, "bare").removesuffix(p.initial_reason_steps),
+              "chosen": p.initial_reason_steps + p.extra["full_chosen"],
+              "rejected": p.initial_reason_steps + p.extra["full_rejected"]} for p in pairs]
+    dpo = plain_dpo(whole, work / "dpo_whole", a, policy)
+    result["dpo_whole_solutions"] = {"greedy_accuracy_after": greedy(str(work / "dpo_whole"), test, template), **dpo}
+    print(json.dumps(result["dpo_whole_solutions"], indent=2), flush=True)
+
+    # throughput on the same step pairs: treetune's Step-DPO trainer against TRL's DPOTrainer
+    step_records = [{"prompt": dpo_prompt(p, "bare"), "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    trl_same = plain_dpo(step_records, work / "trl_on_step_pairs", a, policy)
+    result["throughput"] = {
+        "step_dpo_trainer": {"seconds": step_metrics["train_runtime"], "padding_share": step_metrics["padding_share"],
+                             "pair_tokens_per_second": step_metrics["pair_tokens_per_second"], "steps": step_metrics["steps"]},
+        "trl_dpo_trainer": trl_same,
+    }
+    result["gain_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after"] - result["greedy_accuracy_before"]), 1)
+    Path(a.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
