@@ -87,7 +87,8 @@ def pair_from_record(record: dict[str, Any], where: str, line: int) -> StepPair:
                     answer=str(answer), problem_id=str(record.get("problem_id", record.get("id", ""))),
                     step_index=int(record.get("step_index", -1)), origin=str(record.get("origin", "") or ""),
                     chosen_value=record.get("chosen_value"), rejected_value=record.get("rejected_value"),
-                    extra={k: v for k, v in record.items() if k not in known and k != "prefix"})
+                    extra={**(record.get("extra") or {}),
+                           **{k: v for k, v in record.items() if k not in known and k != "prefix"}})
 
 
 def load_step_pairs(source: str, split: str = "train", skip_bad: bool = False,

@@ -1,6 +1,8 @@
-"""Problems -> reasoning trees on disk (TreePO segment trees or flat samples), resumable.
+"""Problems -> reasoning trees on disk (TreePO segment trees, flat samples, MCTS, step beam
+search or DVTS), resumable.
 
     python launch/rollout.py --config configs/rollout/treepo.yaml [--field value ...]
+    python launch/rollout.py --config configs/rollout/mcts.yaml --scorer arith_checker
 
 Writes to --output_dir: `trees/trees-*.jsonl` (one tree a line), `config.json`, `metrics.json`
 (problems, trajectories, decoded and prompt tokens, prefix-cache hit rate, trajectories per
@@ -19,6 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     from treetune.data.arith import tiny_policy
     from treetune.rewards.grading import Grader
     from treetune.rewards.outcome import score_outcomes
+    from treetune.rewards.search_scorer import make_search_scorer
     from treetune.rollouts.job import RolloutArgs, default_prompt_style, make_engine, run_rollout
 
     (args,) = TrlParser((RolloutArgs,)).parse_args_and_config(argv)
@@ -29,7 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with Grader() as grader:
             scorer = (lambda trees: score_outcomes(trees, grader)) if args.grade else None
-            summary = run_rollout(args, engine, engine.tokenizer, problems, PromptTemplate(style=style), scorer)
+            step_scorer = make_search_scorer(args.scorer, args.prm_separator, engine=engine)
+            summary = run_rollout(args, engine, engine.tokenizer, problems, PromptTemplate(style=style), scorer,
+                                  step_scorer=step_scorer, verifier=grader)
     finally:
         engine.close()
     print(json.dumps(summary, indent=2))

@@ -4,6 +4,7 @@ the per-problem file, metrics.json, per-group tables and the accuracy-vs-N plot.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from treetune.rollouts.tree_io import read_trees
 from .best_of_n import assign_answer_classes, candidates, evaluate, group_table, plot_accuracy, selections, sweep
 from .grading import Grader
 from .outcome import score_outcomes
+from .selectors import Candidate, register
 
 
 @dataclass
@@ -38,7 +40,17 @@ class BestOfNArgs:
     group_by: str = ""  # comma-separated problem fields for per-group tables (MATH: level,subject)
     prm_path: str | None = None  # a PRM (launch/train_prm.py) scoring every sample, for the prm_* selectors
     prm_separator: str = "\n"
+    prm_format: str = "treetune"  # treetune | qwen (Qwen2.5-Math-PRM) | shepherd (Math-Shepherd)
     step_mode: str = "line"  # how samples split into steps for the PRM (line, blank_line, step_k)
+    # generation mode: flat N-sampling, or a step search driven by a step scorer (its pick: selector search_pick)
+    generation: str = "flat"  # flat | beam | dvts | mcts
+    scorer: str | None = None  # beam/dvts/mcts: arith_checker, self_eval or a PRM folder (default: prm_path)
+    search_width: int = 4  # beam: survivors M of the N per step; dvts: candidates per subtree M; mcts: k
+    step_delimiter: str = "\n"
+    step_tokens: int = 64
+    aggregation: str = "last"  # step scores -> path value while searching
+    mcts_iterations: int = 4  # simulations per move; MCTS grades finished nodes with the scorer, never the gold answer
+    mcts_max_children: int = 0  # > search_width: progressive widening
     batch_problems: int = 64
     kv_cache_gb: float | None = None
     report_to: str = "none"  # none | wandb
@@ -48,15 +60,35 @@ class BestOfNArgs:
 def rollout_args(args: BestOfNArgs) -> RolloutArgs:
     return RolloutArgs(output_dir=args.output_dir, model_name_or_path=args.model_name_or_path, engine=args.engine,
                        server_urls=args.server_urls, source=args.source, split=args.split, data_path=args.data_path,
-                       limit=args.limit, prompt_style=args.prompt_style, sampler="flat", trajectories=args.n,
+                       limit=args.limit, prompt_style=args.prompt_style, sampler=args.generation, trajectories=args.n,
                        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                       batch_problems=args.batch_problems, kv_cache_gb=args.kv_cache_gb)
+                       batch_problems=args.batch_problems, kv_cache_gb=args.kv_cache_gb, scorer=args.scorer or args.prm_path,
+                       prm_separator=args.prm_separator, step_delimiter=args.step_delimiter, step_tokens=args.step_tokens,
+                       search_width=args.search_width, aggregation=args.aggregation, mcts_iterations=args.mcts_iterations,
+                       mcts_max_children=args.mcts_max_children, terminal_value="scorer")
 
 
 def sample(args: BestOfNArgs, engine, problems: list[Problem], template: PromptTemplate, grader: Grader) -> dict:
-    """Flat samples for every problem into `output_dir/trees` (resumable), graded as they finish."""
+    """Samples (flat, or a step search's trees) for every problem into `output_dir/trees`
+    (resumable), graded as they finish."""
+    step_scorer = None
+    if args.generation != "flat":
+        from .search_scorer import make_search_scorer
+
+        spec = args.scorer or args.prm_path
+        if not spec:
+            raise ValueError(f"generation {args.generation!r} needs --scorer (arith_checker, self_eval or a PRM folder)")
+        step_scorer = make_search_scorer(spec, args.prm_separator, args.prm_format, engine=engine)
     return run_rollout(rollout_args(args), engine, engine.tokenizer, problems, template,
-                       lambda trees: score_outcomes(trees, grader))
+                       lambda trees: score_outcomes(trees, grader), step_scorer=step_scorer)
+
+
+@register("search_pick")
+def search_pick(cands: Sequence[Candidate]) -> int | None:
+    """The step search's own answer (beam, DVTS, MCTS); among candidates without it, the best search value."""
+    scored = [((c.scores.get("search_pick", 0.0), c.scores.get("search_value", -1.0)), -i)
+              for i, c in enumerate(cands) if "search_pick" in c.scores or "search_value" in c.scores]
+    return -max(scored)[1] if scored else None
 
 
 def evaluate_trees(args: BestOfNArgs, problems: list[Problem], grader: Grader) -> dict:
@@ -74,11 +106,11 @@ def evaluate_trees(args: BestOfNArgs, problems: list[Problem], grader: Grader) -
         score_outcomes(unscored, grader)
     assign_answer_classes(trees, grader)
     if args.prm_path:
-        from .prm import DiscriminativePRM
+        from .released_prms import load_prm
         from .step_scorer import score_tree_leaves
 
-        score_tree_leaves(trees, DiscriminativePRM(args.prm_path, separator=args.prm_separator), key="prm",
-                          step_mode=args.step_mode)
+        score_tree_leaves(trees, load_prm(args.prm_path, args.prm_format, separator=args.prm_separator),
+                          key="prm", step_mode=args.step_mode)
     names = [s.strip() for s in args.selectors.split(",") if s.strip()]
     per_problem = {t.problem_id: candidates(t) for t in trees}
     n_max = max(len(c) for c in per_problem.values())

@@ -35,7 +35,7 @@ class RolloutArgs:
     data_path: str | None = None
     limit: int | None = 200
     prompt_style: str | None = None  # empty: bare for the tiny policy, chat when the tokenizer has a template, else plain
-    sampler: str = "treepo"  # treepo | flat
+    sampler: str = "treepo"  # treepo | flat | beam | dvts | mcts
     trajectories: int = 16  # finished trajectories per problem (flat: samples per problem)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -51,13 +51,31 @@ class RolloutArgs:
     favour: str = "low"
     stop_on_boxed: bool = True
     fallback: bool = True
+    # step search (beam, dvts, mcts): a node is one step, cut at step_delimiter, at most step_tokens
+    scorer: str | None = None  # the step scorer driving the search: arith_checker, self_eval, or a PRM folder
+    prm_separator: str = "\n"
+    step_delimiter: str = "\n"
+    step_tokens: int = 64
+    search_width: int = 4  # beam: survivors M; dvts: candidates per subtree M; mcts: candidates per expansion k
+    aggregation: str = "last"  # step scores -> path value: last | min | product | mean
+    mcts_iterations: int = 8  # simulations per search (per move with move_root)
+    mcts_root_iterations: int | None = None
+    c_puct: float = 1.0
+    length_penalty: float = 1.25
+    move_root: bool = True
+    reuse_subtree: bool = True
+    mcts_max_children: int = 0  # > search_width: progressive widening up to this many children per node
+    terminal_value: str = "verifier"  # mcts finished nodes: verifier (gold answer, +1/-1) | scorer
     batch_problems: int = 64
     shard_size: int = 256
     grade: bool = True
     kv_cache_gb: float | None = None
 
 
-def make_sampler(args: RolloutArgs):
+def make_sampler(args: RolloutArgs, step_scorer=None, verifier=None):
+    """The sampler `args.sampler` names; step search takes the injected scorer (and MCTS the verifier)."""
+    if args.sampler in ("beam", "dvts", "mcts"):
+        return _make_search_sampler(args, step_scorer, verifier)
     if args.sampler == "flat":
         return FlatSampler(FlatSettings(n=args.trajectories, temperature=args.temperature, top_p=args.top_p,
                                         max_tokens=args.max_tokens, seed=args.seed))
@@ -68,7 +86,27 @@ def make_sampler(args: RolloutArgs):
             init_divergence_max=args.init_divergence_max, budget=args.budget,
             logprob_temperature=args.logprob_temperature, favour=args.favour, stop_on_boxed=args.stop_on_boxed,
             fallback=args.fallback, temperature=args.temperature, top_p=args.top_p, seed=args.seed))
-    raise ValueError(f"unknown sampler {args.sampler!r}; expected treepo or flat")
+    raise ValueError(f"unknown sampler {args.sampler!r}; expected treepo, flat, beam, dvts or mcts")
+
+
+def _make_search_sampler(args: RolloutArgs, step_scorer, verifier):
+    from .mcts import MCTSSampler, MCTSSettings
+    from .step_search import BeamSearchSampler, BeamSettings, DVTSSampler, DVTSSettings
+
+    # a delimiter typed on a command line arrives as the characters backslash, n
+    delimiter = args.step_delimiter.encode().decode("unicode_escape") if "\\" in args.step_delimiter else args.step_delimiter
+    common = dict(step_delimiter=delimiter, step_tokens=args.step_tokens, max_depth=args.max_depth,
+                  max_response_tokens=args.max_tokens, stop_on_boxed=args.stop_on_boxed, aggregation=args.aggregation,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.sampler == "beam":
+        return BeamSearchSampler(BeamSettings(n=args.trajectories, width=args.search_width, **common), step_scorer)
+    if args.sampler == "dvts":
+        return DVTSSampler(DVTSSettings(n=args.trajectories, width=args.search_width, **common), step_scorer)
+    return MCTSSampler(MCTSSettings(
+        iterations=args.mcts_iterations, root_iterations=args.mcts_root_iterations, width=args.search_width,
+        c_puct=args.c_puct, length_penalty=args.length_penalty, move_root=args.move_root,
+        reuse_subtree=args.reuse_subtree, max_children=args.mcts_max_children, terminal_value=args.terminal_value,
+        **common), step_scorer, verifier)
 
 
 def make_engine(args: RolloutArgs, model: str):
@@ -129,14 +167,16 @@ def summarise(trees: Sequence[ReasoningTree], seconds: float | None = None) -> d
 
 
 def run_rollout(args: RolloutArgs, engine, tokenizer, problems: Sequence[Problem], template: PromptTemplate,
-                score_tree: Callable[[list[ReasoningTree]], None] | None = None, progress: bool = True) -> dict:
-    """Grow trees for `problems` not yet on disk in `args.output_dir/trees`; returns the summary."""
+                score_tree: Callable[[list[ReasoningTree]], None] | None = None, progress: bool = True,
+                step_scorer=None, verifier=None) -> dict:
+    """Grow trees for `problems` not yet on disk in `args.output_dir/trees`; returns the summary.
+    Step search (beam, dvts, mcts) takes the injected step scorer and, for MCTS, the verifier."""
     from tqdm.auto import tqdm
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    sampler = make_sampler(args)
+    sampler = make_sampler(args, step_scorer, verifier)
     stats_before = engine.prefix_cache_stats() if hasattr(engine, "prefix_cache_stats") else None
     prompt_tokens_before = engine.counters.prompt_tokens
     started = time.time()

@@ -1,0 +1,33 @@
+"""The step scorer that drives a step search (beam, DVTS, MCTS), chosen by name: the exact arith
+checker, the policy's own self-evaluation, or a trained PRM (a folder or hub name)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHOICES = ("arith_checker", "self_eval", "<PRM folder or hub name>")
+
+
+def make_search_scorer(spec: str | None, separator: str = "\n", prm_format: str = "treetune", engine=None):
+    """A step scorer (or, for `self_eval`, a path value over `engine`) for `--scorer spec`; None for none."""
+    if not spec:
+        return None
+    if spec == "arith_checker":
+        from .step_scorer import ArithCheckerScorer
+
+        return ArithCheckerScorer()
+    if spec == "self_eval":
+        if engine is None:
+            raise ValueError("scorer 'self_eval' asks the policy itself, so it needs the engine")
+        from treetune.rollouts.mcts import SelfEvaluation
+
+        return SelfEvaluation(engine, engine.tokenizer)
+    if not Path(spec).exists() and "/" not in spec:
+        raise ValueError(f"unknown scorer {spec!r}; expected one of {', '.join(CHOICES)}")
+    if prm_format == "treetune":
+        from .prm import DiscriminativePRM
+
+        return DiscriminativePRM(spec, separator=separator)
+    from .released_prms import load_prm
+
+    return load_prm(spec, prm_format, separator=separator)
