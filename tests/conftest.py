@@ -22,3 +22,12 @@ def tiny_policy_path() -> str:
     from treetune.data.arith import tiny_policy
 
     return tiny_policy()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_policy_path):
+    """The tiny policy in vLLM, one per test module (a module may override it, e.g. with HFEngine)."""
+    from treetune.rollouts.engines import VLLMEngine
+
+    with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
+        yield engine

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems, check_solution
 from treetune.rewards.grading import Grader
@@ -45,14 +43,6 @@ def test_labels_and_scan():
     assert consensus([s, right], [3, 0]) == [s]
     assert to_stepwise([s, right], "scan", min_confidence=0.75) == [
         {"prompt": "q\n", "completions": ["s0", "s1"], "labels": [1.0, 1.0]}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_policy_path):
-    from treetune.rollouts.engines import VLLMEngine
-
-    with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
-        yield engine
 
 
 def test_topped_up_labels_agree_with_the_checker_often(engine):

@@ -18,25 +18,7 @@ from treetune.rollouts.mcts import (MCTSSampler, MCTSSettings, SelfEvaluation, b
 from treetune.rollouts.tree import ReasoningTree
 from treetune.rollouts.tree_io import TreeWriter, read_trees
 
-
-class Recording:
-    """Forwards to a real engine and keeps every batch it was sent."""
-
-    def __init__(self, engine):
-        self.engine, self.batches = engine, []
-        self.counters = engine.counters
-
-    def generate(self, requests, progress=False):
-        self.batches.append(list(requests))
-        return self.engine.generate(requests, progress)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_policy_path):
-    from treetune.rollouts.engines import VLLMEngine
-
-    with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
-        yield engine
+from recording import Recording
 
 
 @pytest.fixture(scope="module")

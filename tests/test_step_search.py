@@ -14,25 +14,7 @@ from treetune.rollouts.step_search import (BeamSearchSampler, BeamSettings, DVTS
                                            evaluate_paths, path_steps)
 from treetune.rollouts.tree import ReasoningTree
 
-
-class Recording:
-    """Forwards to a real engine and keeps every batch it was sent."""
-
-    def __init__(self, engine):
-        self.engine, self.batches = engine, []
-        self.counters = engine.counters
-
-    def generate(self, requests, progress=False):
-        self.batches.append(list(requests))
-        return self.engine.generate(requests, progress)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_policy_path):
-    from treetune.rollouts.engines import VLLMEngine
-
-    with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
-        yield engine
+from recording import Recording
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +147,22 @@ def test_best_of_n_generation_mode(engine, tmp_path):
     trees = list(read_trees(tmp_path / "bon" / "trees"))
     assert len(trees) == 4 and all(t.sampler["name"] == "dvts" for t in trees)
     assert all(sum(l.scores.get("search_pick", 0) for l in t.leaves()) == 1 for t in trees)
+
+
+def test_beam_search_on_the_hf_engine(tiny_policy_path):
+    # the transformers fallback pads rows that stop early: no pad may leak into a step's tokens
+    from treetune.rollouts.engines import HFEngine
+
+    engine = HFEngine(tiny_policy_path)
+    tokenizer = engine.tokenizer
+    s = BeamSettings(n=4, width=2, max_response_tokens=96, seed=3)
+    trees = list(BeamSearchSampler(s, ArithCheckerScorer()).grow(engine, trees_for(engine, arith_problems("validation", 3))))
+    assert len(trees) == 3
+    for tree in trees:
+        for node in tree.nodes[1:]:
+            assert tokenizer.pad_token_id not in node.token_ids
+            assert len(node.logprobs) == len(node.token_ids)
+            assert node.finished or node.text.endswith("\n")
+        for leaf in tree.leaves():
+            ids = [t for t in tree.path_token_ids(leaf.id) if t != tokenizer.eos_token_id]
+            assert tokenizer.decode(ids) == tree.path_text(leaf.id)

@@ -5,19 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems, check_solution
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_policy_path):
-    from treetune.rollouts.engines import VLLMEngine
-
-    with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
-        yield engine
 
 
 def test_policy_is_a_small_qwen2_vllm_can_run(tiny_policy_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems
 from treetune.rollouts.flat import FlatSampler, FlatSettings
@@ -11,25 +9,7 @@ from treetune.rollouts.job import new_tree
 from treetune.rollouts.stopping import finish_reason_for, has_repetition
 from treetune.rollouts.treepo import TreePOSampler, TreePOSettings, split_budget
 
-
-class Recording:
-    """Forwards to a real engine and keeps every batch it was sent."""
-
-    def __init__(self, engine):
-        self.engine, self.batches = engine, []
-        self.counters = engine.counters
-
-    def generate(self, requests, progress=False):
-        self.batches.append(list(requests))
-        return self.engine.generate(requests, progress)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_policy_path):
-    from treetune.rollouts.engines import VLLMEngine
-
-    with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
-        yield engine
+from recording import Recording
 
 
 def fresh_trees(engine, count=6):

@@ -67,11 +67,15 @@ class HFEngine:
                     ids, reason = ids[: position + 1], "stop"
                     break
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if s.stop and reason == "length":
-                for stop in s.stop:
-                    if stop in text:
-                        end = text.index(stop) + (len(stop) if s.include_stop else 0)
-                        text, reason = text[:end], "stop"
+            if s.stop and any(stop in text for stop in s.stop):
+                # generate() pads a row that met a stop string while others ran on (with the pad
+                # or the EOS id): keep its tokens only up to the one completing the stop string
+                for k in range(1, len(ids) + 1):
+                    piece = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
+                    stop = next((x for x in s.stop if x in piece), None)
+                    if stop is not None:
+                        end = piece.index(stop) + (len(stop) if s.include_stop else 0)
+                        ids, text, reason = ids[:k], piece[:end], "stop"
                         break
             token_logprobs = top = None
             if logprobs is not None and s.logprobs:
