@@ -1,11 +1,12 @@
 """The step scorer that drives a step search (beam, DVTS, MCTS), chosen by name: the exact arith
-checker, the policy's own self-evaluation, or a trained PRM (a folder or hub name)."""
+checker, GroundedPRM's tool, the policy's own self-evaluation, or a trained PRM (a folder or hub
+name, in any `--prm_format`: treetune, qwen, shepherd, thinkprm, grounded_gen)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CHOICES = ("arith_checker", "self_eval", "<PRM folder or hub name>")
+CHOICES = ("arith_checker", "tool", "self_eval", "<PRM folder or hub name>")
 
 
 def make_search_scorer(spec: str | None, separator: str = "\n", prm_format: str = "treetune", engine=None):
@@ -16,6 +17,10 @@ def make_search_scorer(spec: str | None, separator: str = "\n", prm_format: str 
         from .step_scorer import ArithCheckerScorer
 
         return ArithCheckerScorer()
+    if spec == "tool":  # GroundedPRM's tool: every equation of a step checked exactly in the sandbox
+        from .step_tool import ToolStepScorer
+
+        return ToolStepScorer()
     if spec == "self_eval":
         if engine is None:
             raise ValueError("scorer 'self_eval' asks the policy itself, so it needs the engine")

@@ -307,3 +307,11 @@ def test_simulations_from_the_policy_feed_the_backup(tool, tiny_policy_path):
     gp.annotate([tree], tool)
     assert first.scores["grounded_reward"] == pytest.approx(sum(rewards) / 3)
     assert first.scores["grounded"] == first.scores["grounded_reward"] and first.scores["grounded_visits"] == 1
+
+
+def test_the_tool_drives_step_search_by_name():
+    from treetune.rewards.search_scorer import make_search_scorer
+
+    scorer = make_search_scorer("tool")
+    scores = scorer.score(["Mia has 7 pens. She gets 5 more. She gives away 3."], [["7+5=12", "12-3=8"]])
+    assert scores == [[1.0, 0.0]]
