@@ -139,29 +139,20 @@ def make_step_scorer(args: StepDPODataArgs):
     raise ValueError(f"unknown scorer {args.scorer!r}; expected arith_checker or prm")
 
 
-def locate_errors(trees: Sequence[ReasoningTree], scorer, args: StepDPODataArgs) -> tuple[list[dict], Counter]:
-    """The wrong solutions of each tree with their first wrong step, and why others gave none."""
+def locate_errors(trees: Sequence[ReasoningTree], scorer, args: StepDPODataArgs) -> list[dict]:
+    """The wrong solutions of each tree (up to `wrong_per_problem`) with their first wrong step; a
+    solution in which the scorer finds no wrong step is left out (build_pairs records why)."""
     delimiter = DELIMITERS[args.step_mode]
-    reasons: Counter = Counter()
-    jobs = []
-    for tree in trees:
-        wrong = [l for l in tree.leaves() if _wrong(l)][: args.wrong_per_problem]
-        if not wrong:
-            reasons["no wrong sample"] += 1
-            continue
-        for leaf in wrong:
-            text = tree.path_text(leaf.id)
-            jobs.append({"tree": tree, "steps": raw_steps(text, delimiter)})
+    jobs = [{"tree": tree, "steps": raw_steps(tree.path_text(leaf.id), delimiter)}
+            for tree in trees for leaf in [l for l in tree.leaves() if _wrong(l)][: args.wrong_per_problem]]
     scored = scorer.score([j["tree"].problem.get("question", j["tree"].prompt) for j in jobs],
                           [[s.strip() for s in j["steps"]] for j in jobs]) if jobs else []
     located = []
     for job, scores in zip(jobs, scored):
         k = first_wrong_step(scores, args.error_threshold)
-        if k == -1:
-            reasons["scorer found no wrong step"] += 1
-            continue
-        located.append({**job, "k": k})
-    return located, reasons
+        if k != -1:
+            located.append({**job, "k": k})
+    return located
 
 
 def rectify(located: list[dict], engine, grader, scorer, args: StepDPODataArgs, tokenizer) -> list[StepPair]:
@@ -275,7 +266,7 @@ def build_pairs(args: StepDPODataArgs, engine, grader, tokenizer, problems, temp
     for start in range(0, len(todo), args.batch_problems):
         ids = todo[start:start + args.batch_problems]
         batch = [trees[i] for i in ids]
-        located, _ = locate_errors(batch, scorer, args)
+        located = locate_errors(batch, scorer, args)
         pairs = rectify(located, engine, grader, scorer, args, tokenizer) if located else []
         status = {}
         for tree in batch:
