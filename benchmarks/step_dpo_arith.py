@@ -15,17 +15,17 @@ import time
 from pathlib import Path
 
 
-def train_args(out: Path, a, **extra) -> list[str]:
+def train_args(out: Path, a, seed: int = 0, **extra) -> list[str]:
     argv = ["--output_dir", str(out), "--beta", str(a.beta), "--learning_rate", str(a.learning_rate),
             "--num_train_epochs", str(a.epochs), "--per_device_train_batch_size", str(a.batch_size),
             "--max_length", "256", "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
-            "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--seed", "0", "--disable_tqdm", "true"]
+            "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--seed", str(seed), "--disable_tqdm", "true"]
     for key, value in extra.items():
         argv += [f"--{key}", str(value)]
     return argv
 
 
-def plain_dpo(records: list[dict], out: Path, a, policy: str) -> dict:
+def plain_dpo(records: list[dict], out: Path, a, policy: str, seed: int = 0) -> dict:
     """TRL's DPOTrainer as it comes (EOS appended, its own tokenisation), for the comparisons."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,7 +36,7 @@ def plain_dpo(records: list[dict], out: Path, a, policy: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(policy)
     config = DPOConfig(output_dir=str(out), beta=a.beta, learning_rate=a.learning_rate, num_train_epochs=a.epochs,
                        per_device_train_batch_size=a.batch_size, max_length=256, logging_steps=10, report_to=[],
-                       save_strategy="no", lr_scheduler_type="cosine", warmup_steps=0.1, seed=0, disable_tqdm=True,
+                       save_strategy="no", lr_scheduler_type="cosine", warmup_steps=0.1, seed=seed, disable_tqdm=True,
                        bf16=False)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy), args=config,
                          train_dataset=Dataset.from_list(records), processing_class=tokenizer)
@@ -65,10 +65,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--train_problems", type=int, default=1000)
     parser.add_argument("--eval_problems", type=int, default=500)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--learning_rate", type=float, default=2e-5)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--learning_rate", type=float, default=5e-6)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds for the Step-DPO vs whole-solution DPO comparison")
     a = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
@@ -98,21 +99,29 @@ def main() -> None:
     test = load_problems("arith", "test", limit=a.eval_problems)
     result["greedy_accuracy_before"] = greedy(policy, test, template)
 
-    started = time.perf_counter()
-    step_out = step_dpo(["--pairs", pairs_file] + train_args(work / "step_dpo", a))
-    step_metrics = json.loads((step_out / "metrics.json").read_text())
-    result["step_dpo"] = {"greedy_accuracy_after": greedy(str(step_out), test, template),
-                          "seconds": round(time.perf_counter() - started, 1), "steps": step_metrics["steps"]}
-    print(json.dumps(result["step_dpo"], indent=2), flush=True)
-
-    # whole-solution DPO from the same samples: problem -> prefix + whole correct continuation
-    # against prefix + the whole wrong solution from its error on
+    # Step-DPO against whole-solution DPO from the same samples (problem -> prefix + the whole
+    # correct continuation against prefix + the whole wrong solution from its error on), same
+    # pairs, same steps, over several training seeds: one seed's gap is within the noise of 500 problems
     whole = [{"prompt": dpo_prompt(p, "bare").removesuffix(p.initial_reason_steps),
               "chosen": p.initial_reason_steps + p.extra["full_chosen"],
               "rejected": p.initial_reason_steps + p.extra["full_rejected"]} for p in pairs]
-    dpo = plain_dpo(whole, work / "dpo_whole", a, policy)
-    result["dpo_whole_solutions"] = {"greedy_accuracy_after": greedy(str(work / "dpo_whole"), test, template), **dpo}
-    print(json.dumps(result["dpo_whole_solutions"], indent=2), flush=True)
+    step_runs, whole_runs = [], []
+    for seed in range(a.seeds):
+        started = time.perf_counter()
+        step_out = step_dpo(["--pairs", pairs_file] + train_args(work / f"step_dpo_seed{seed}", a, seed))
+        metrics = json.loads((step_out / "metrics.json").read_text())
+        step_runs.append({"seed": seed, "greedy_accuracy_after": greedy(str(step_out), test, template),
+                          "seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"]})
+        if seed == 0:
+            step_metrics = metrics
+        dpo = plain_dpo(whole, work / f"dpo_whole_seed{seed}", a, policy, seed)
+        whole_runs.append({"seed": seed, "greedy_accuracy_after": greedy(str(work / f"dpo_whole_seed{seed}"), test, template), **dpo})
+        print(json.dumps({"step_dpo": step_runs[-1], "dpo_whole": whole_runs[-1]}, indent=2), flush=True)
+    for name, runs in (("step_dpo", step_runs), ("dpo_whole_solutions", whole_runs)):
+        accs = [r["greedy_accuracy_after"] for r in runs]
+        mean = sum(accs) / len(accs)
+        result[name] = {"greedy_accuracy_after_mean": mean,
+                        "greedy_accuracy_after_std": (sum((x - mean) ** 2 for x in accs) / len(accs)) ** 0.5, "runs": runs}
 
     # throughput on the same step pairs: treetune's Step-DPO trainer against TRL's DPOTrainer
     step_records = [{"prompt": dpo_prompt(p, "bare"), "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
@@ -122,7 +131,9 @@ def main() -> None:
                              "pair_tokens_per_second": step_metrics["pair_tokens_per_second"], "steps": step_metrics["steps"]},
         "trl_dpo_trainer": trl_same,
     }
-    result["gain_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after"] - result["greedy_accuracy_before"]), 1)
+    result["gain_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after_mean"] - result["greedy_accuracy_before"]), 1)
+    result["step_minus_whole_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after_mean"]
+                                                     - result["dpo_whole_solutions"]["greedy_accuracy_after_mean"]), 1)
     Path(a.output).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

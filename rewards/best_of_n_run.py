@@ -53,6 +53,7 @@ class BestOfNArgs:
     mcts_max_children: int = 0  # > search_width: progressive widening
     batch_problems: int = 64
     kv_cache_gb: float | None = None
+    greedy_limit: int = 0  # also decode the first this-many problems of the split greedily (0: no)
     report_to: str = "none"  # none | wandb
     wandb_project: str = "treetune"
 
@@ -81,6 +82,42 @@ def sample(args: BestOfNArgs, engine, problems: list[Problem], template: PromptT
         step_scorer = make_search_scorer(spec, args.prm_separator, args.prm_format, engine=engine)
     return run_rollout(rollout_args(args), engine, engine.tokenizer, problems, template,
                        lambda trees: score_outcomes(trees, grader), step_scorer=step_scorer)
+
+
+def run(args: BestOfNArgs) -> dict:
+    """Sample (unless `trees_path` names trees already grown), optionally decode greedily, evaluate.
+    Samples resume from disk; a finished greedy pass is not redone."""
+    from treetune.data import load_problems
+    from treetune.data.arith import tiny_policy
+    from treetune.rollouts.job import default_prompt_style, make_engine
+
+    from .evaluation import greedy_eval, write_eval
+    from .selectors import get_selector
+
+    for name in args.selectors.split(","):
+        get_selector(name.strip())  # an unknown selector fails before any sampling
+    problems = load_problems(args.source, args.split, path=args.data_path, limit=args.limit)
+    out = Path(args.output_dir)
+    greedy_file = out / "greedy_metrics.json"
+    with Grader() as grader:
+        if not args.trees_path or (args.greedy_limit and not greedy_file.exists()):
+            engine = make_engine(rollout_args(args), args.model_name_or_path or tiny_policy())
+            template = PromptTemplate(style=default_prompt_style(args.prompt_style, bool(args.model_name_or_path), engine.tokenizer))
+            try:
+                if args.greedy_limit and not greedy_file.exists():
+                    greedy_problems = load_problems(args.source, args.split, path=args.data_path, limit=args.greedy_limit)
+                    greedy, rows = greedy_eval(engine, engine.tokenizer, greedy_problems, template,
+                                               max_tokens=args.max_tokens, grader=grader)
+                    write_eval(out, greedy, rows)
+                if not args.trees_path:
+                    sample(args, engine, problems, template, grader)
+            finally:
+                engine.close()
+        metrics = evaluate_trees(args, problems, grader)
+    if greedy_file.exists():
+        metrics["greedy"] = json.loads(greedy_file.read_text())
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 @register("search_pick")
