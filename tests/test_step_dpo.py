@@ -119,6 +119,10 @@ def test_branch_pairs_from_a_hand_built_tree():
     good.scores["q"], bad.scores["q"] = 0.2, 0.1
     (only,) = tree_branch_pairs(tree, value_key="q", margin=0.5)  # the leaves have no q: their outcomes count
     assert only.chosen == "The answer is \\boxed{9}"
+    # a path that stopped right at a branch adds an empty child: it is never a step of a pair
+    empty = tree.add(a.id, "", [], finish_reason="stop")
+    empty.scores["outcome"] = 0.0
+    assert all(p.chosen.strip() and p.rejected.strip() for p in tree_branch_pairs(tree, margin=0.0))
 
 
 def test_pair_progress_drops_pairs_of_unfinished_problems(tmp_path):

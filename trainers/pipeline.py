@@ -24,6 +24,7 @@ class MainArgs:
     model_name_or_path: str | None = None  # empty: the arith tiny policy (built on first use)
     max_tokens: int = 128
     seed: int = 0
+    report_to: str = "none"  # none | wandb | tensorboard: the training stages' logs (and best-of-N's with wandb)
     # evaluation (before and after): greedy on eval_problems, best-of-N on bon_problems
     eval_problems: int = 500
     bon_problems: int = 200
@@ -119,7 +120,8 @@ def _eval_args(p: Pipeline, stage: str, model: str):
     a = p.args
     return BestOfNArgs(output_dir=str(p.dir(stage)), model_name_or_path=model, source="arith", split="test",
                        limit=a.bon_problems, n=a.n, max_tokens=a.max_tokens, seed=a.seed, selectors="first,majority",
-                       greedy_limit=a.eval_problems, prompt_style="bare")
+                       greedy_limit=a.eval_problems, prompt_style="bare",
+                       report_to="wandb" if a.report_to == "wandb" else "none")
 
 
 def _evaluate(p: Pipeline, stage: str, model: str) -> dict:
@@ -186,7 +188,7 @@ def _prm(p: Pipeline) -> dict:
             "--output_dir", str(p.dir("prm") / "model"), "--max_length", "256",
             "--num_train_epochs", str(a.prm_epochs), "--learning_rate", str(a.prm_learning_rate),
             "--per_device_train_batch_size", "32", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
-            "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--seed", str(a.seed),
+            "--logging_steps", "10", "--save_strategy", "no", "--report_to", a.report_to, "--seed", str(a.seed),
             "--disable_tqdm", "false"]
     model = train_prm(argv)
     metrics = json.loads((Path(model) / "train_metrics.json").read_text())
@@ -215,7 +217,7 @@ def _step_dpo(p: Pipeline) -> dict:
             "--learning_rate", str(a.dpo_learning_rate), "--num_train_epochs", str(a.dpo_epochs),
             "--per_device_train_batch_size", str(a.dpo_batch_size), "--max_length", "256", "--max_prompt_length", "192",
             "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--logging_steps", "10", "--save_strategy", "no",
-            "--report_to", "none", "--seed", str(a.seed), "--prompt_style", "bare"]
+            "--report_to", a.report_to, "--seed", str(a.seed), "--prompt_style", "bare"]
     model = step_dpo(argv)
     metrics = json.loads((Path(model) / "metrics.json").read_text())
     return {"command": argv_command("launch/step_dpo.py", argv), "model": str(model), "steps": metrics["steps"],

@@ -101,8 +101,11 @@ def write_report(pipeline) -> dict:
         where = next((record[k] for k in ("labels_file", "pairs_file", "trees", "model") if k in record), str(pipeline.dir(stage)))
         lines.append(f"| {stage} | `{where}` | {record.get('seconds', '')} | `{record.get('command', '')}` |")
     lines.append(f"| report | `{out}` | | (this stage) |")
+    total = sum(record.get("seconds", 0.0) for record in state.values())
+    lines += ["", f"Stage time so far: {total / 60:.1f} minutes (the report's own scoring comes on top)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     figures = {"table": {k: {"before": b, "after": f} for k, (b, f) in table.items()},
-               "tokens_saved_share": trees["tokens_saved_share"], "report": str(out / "report.md"), "plot": str(plot)}
+               "tokens_saved_share": trees["tokens_saved_share"], "stage_seconds": {k: v.get("seconds") for k, v in state.items()},
+               "report": str(out / "report.md"), "plot": str(plot)}
     (out / "report.json").write_text(json.dumps(figures, indent=2))
     return figures

@@ -110,7 +110,8 @@ def tree_branch_pairs(tree: ReasoningTree, value_key: str = "outcome", margin: f
         children = tree.children(node.id)
         if len(children) < 2:
             continue
-        valued = [(subtree_value(tree, c.id, value_key), c) for c in children]
+        # a child that added no text (a path that ended right at the branch) is no step to prefer
+        valued = [(subtree_value(tree, c.id, value_key), c) for c in children if c.text.strip()]
         valued = sorted(((v, c) for v, c in valued if v is not None), key=lambda vc: -vc[0])
         prefix = tree.path_text(node.id) if node.id != tree.root.id else ""
         made = 0
