@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .prompts import PromptTemplate
-from .records import DataError, SkipReport, convert_rows, iter_records, require
+from .records import DataError, SkipReport, convert_source, require
 
 MODES = ("trace", "empty")
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -143,17 +143,8 @@ def load_bvpo_pairs(source: str, split: str = "train", mode: str | None = None, 
     returned report instead (never silently)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown BVPO mode {mode!r}; expected one of {', '.join(MODES)}")
-    if Path(source).exists():
-        return convert_rows(iter_records(source), lambda r, line: pair_from_record(r, source, line, mode), source,
-                            skip_bad=skip_bad, limit=limit)
-    if source.endswith((".jsonl", ".json")):
-        raise DataError(source, None, "file not found")
-    from datasets import load_dataset
-
-    rows = load_dataset(source, split=split)
-    where = f"{source}[{split}]"
-    return convert_rows(((i + 1, dict(r)) for i, r in enumerate(rows)),
-                        lambda r, line: pair_from_record(r, where, line, mode), where, skip_bad=skip_bad, limit=limit)
+    return convert_source(source, split, lambda r, where, line: pair_from_record(r, where, line, mode),
+                          skip_bad=skip_bad, limit=limit)
 
 
 def write_bvpo_pairs(pairs: list[BVPOPair], path: str | Path) -> None:

@@ -123,6 +123,28 @@ def convert_rows(
     return out, report
 
 
+def convert_source(
+    source: str,
+    split: str,
+    convert: Callable[[dict[str, Any], str, int], T],
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> tuple[list[T], SkipReport]:
+    """`convert(record, where, line)` over a local JSON / JSONL file or, when no such file exists,
+    a hub dataset's `split` (rows numbered from 1), as `convert_rows` does."""
+    if Path(source).exists():
+        return convert_rows(iter_records(source), lambda r, line: convert(r, source, line), source,
+                            skip_bad=skip_bad, limit=limit)
+    if source.endswith((".jsonl", ".json")):
+        raise DataError(source, None, "file not found")
+    from datasets import load_dataset
+
+    rows = load_dataset(source, split=split)
+    where = f"{source}[{split}]"
+    return convert_rows(((i + 1, dict(r)) for i, r in enumerate(rows)), lambda r, line: convert(r, where, line), where,
+                        skip_bad=skip_bad, limit=limit)
+
+
 def read_records(
     path: str | Path,
     convert: Callable[[dict[str, Any], int], T],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .prompts import DEFAULT_INSTRUCTION, STYLES, PromptTemplate
-from .records import DataError, SkipReport, convert_rows, iter_records, require
+from .records import DataError, SkipReport, convert_source, require
 
 # The Step-DPO release's prompt layouts; `{problem}` is the raw problem. How the prefix follows
 # (directly, after a newline, after a space) is part of each layout.
@@ -97,17 +97,7 @@ def load_step_pairs(source: str, split: str = "train", skip_bad: bool = False,
 
     A bad row raises `DataError` naming file, line and field; with `skip_bad` it goes into the
     returned report instead (never silently)."""
-    if Path(source).exists():
-        return convert_rows(iter_records(source), lambda r, line: pair_from_record(r, source, line), source,
-                            skip_bad=skip_bad, limit=limit)
-    if source.endswith((".jsonl", ".json")):
-        raise DataError(source, None, "file not found")
-    from datasets import load_dataset
-
-    rows = load_dataset(source, split=split)
-    where = f"{source}[{split}]"
-    return convert_rows(((i + 1, dict(r)) for i, r in enumerate(rows)),
-                        lambda r, line: pair_from_record(r, where, line), where, skip_bad=skip_bad, limit=limit)
+    return convert_source(source, split, pair_from_record, skip_bad=skip_bad, limit=limit)
 
 
 def write_step_pairs(pairs: list[StepPair], path: str | Path) -> None:
