@@ -138,9 +138,10 @@ def main() -> None:
         runs["step_dpo_trainer"].append({"seconds": m["train_runtime"], "padding_share": m["padding_share"],
                                          "pair_tokens_per_second": m["pair_tokens_per_second"], "steps": m["steps"]})
         runs["trl_dpo_trainer"].append(plain_dpo(step_records, work / "throughput_trl", a, policy))
-    result["throughput"] = {name: {**max(r, key=lambda x: x["pair_tokens_per_second"]), "repeats": r} for name, r in runs.items()}
-    result["throughput"]["speedup"] = (result["throughput"]["step_dpo_trainer"]["pair_tokens_per_second"]
-                                       / result["throughput"]["trl_dpo_trainer"]["pair_tokens_per_second"])
+    if a.throughput_repeats > 0:
+        result["throughput"] = {name: {**max(r, key=lambda x: x["pair_tokens_per_second"]), "repeats": r} for name, r in runs.items()}
+        result["throughput"]["speedup"] = (result["throughput"]["step_dpo_trainer"]["pair_tokens_per_second"]
+                                           / result["throughput"]["trl_dpo_trainer"]["pair_tokens_per_second"])
     result["gain_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after_mean"] - result["greedy_accuracy_before"]), 1)
     result["step_minus_whole_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after_mean"]
                                                      - result["dpo_whole_solutions"]["greedy_accuracy_after_mean"]), 1)
