@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -47,23 +43,15 @@ def dual_mode_records(problems: int, seed: int = 0) -> list[dict[str, str]]:
 def dual_mode_policy(cache_dir: str | Path | None = None, quiet: bool = False) -> str:
     """Path of the dual-mode tiny policy (a Qwen2 model vLLM loads), built on first call and cached."""
     import yaml
-    from filelock import FileLock
 
-    from .tiny_policy import _DISTRIBUTED_ENV, cache_root, tiny_policy
+    from .tiny_policy import build_cached, cache_root, tiny_policy
 
     base = tiny_policy(cache_dir, quiet=quiet)
     root = Path(cache_dir) if cache_dir else cache_root()
     text = recipe_path().read_text()
     key = hashlib.sha256(f"{Path(base).name}\n{RECORDS_VERSION}\n{text}".encode()).hexdigest()[:12]
-    target = root / f"dual-mode-policy-{key}"
-    if (target / "config.json").exists():
-        return str(target)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():
-            return str(target)
-        staging = root / f".{target.name}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+
+    def sft_args(staging: Path) -> list[str]:
         recipe = yaml.safe_load(text)
         problems = int(recipe.pop("dual_mode_problems"))
         records = staging / "dual_mode_records.jsonl"
@@ -71,16 +59,6 @@ def dual_mode_policy(cache_dir: str | Path | None = None, quiet: bool = False) -
         recipe.update(model_name_or_path=base, dataset_path=str(records), output_dir=str(staging))
         resolved = staging / "dual_mode_recipe.yaml"
         resolved.write_text(yaml.safe_dump(recipe))
-        env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        print(f"[treetune] building the dual-mode arith policy in {target} (once; a minute or two on a CPU)",
-              file=sys.stderr)
-        command = [sys.executable, "-m", "treetune.trainers.sft", "--config", str(resolved)]
-        if quiet:
-            command += ["--disable_tqdm", "true"]
-        completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL if quiet else None)
-        if completed.returncode != 0 or not (staging / "config.json").exists():
-            raise RuntimeError(f"building the dual-mode policy failed (exit code {completed.returncode}); "
-                               f"run the command by hand to see why: {' '.join(command)}")
-        staging.rename(target)
-    return str(target)
+        return ["--config", str(resolved)]
+
+    return build_cached(root / f"dual-mode-policy-{key}", "dual-mode arith policy", sft_args, quiet)

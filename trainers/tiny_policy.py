@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -39,30 +40,43 @@ def policy_key() -> str:
     return hashlib.sha256(f"{GENERATOR_VERSION}\n{text}".encode()).hexdigest()[:12]
 
 
-def tiny_policy(cache_dir: str | Path | None = None, quiet: bool = False) -> str:
-    """Path of the tiny arith policy, built on first call (about 4 minutes on 2 CPU cores) and cached."""
+def build_cached(target: Path, what: str, sft_args: Callable[[Path], list[str]], quiet: bool = False) -> str:
+    """Build `target` once with the SFT recipe in a child process and return its path.
+
+    `sft_args(staging)` prepares the staging folder (records, resolved recipe) and returns the
+    arguments for `python -m treetune.trainers.sft`, which must write the model into `staging`.
+    Concurrent callers wait on a file lock; the staging folder is renamed into place only when the
+    build succeeded, so a killed build is never taken for a finished one.
+    """
     from filelock import FileLock
 
-    root = Path(cache_dir) if cache_dir else cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"tiny-policy-{policy_key()}"
     if (target / "config.json").exists():
         return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return str(target)
-        staging = root / f".{target.name}.building"
+        staging = target.parent / f".{target.name}.building"
         shutil.rmtree(staging, ignore_errors=True)
-        env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        print(f"[treetune] building the arith tiny policy in {target} (once; a few minutes on a CPU)", file=sys.stderr)
-        command = [sys.executable, "-m", "treetune.trainers.sft", "--config", str(recipe_path()),
-                   "--output_dir", str(staging)]
+        staging.mkdir(parents=True)
+        command = [sys.executable, "-m", "treetune.trainers.sft", *sft_args(staging)]
         if quiet:
             command += ["--disable_tqdm", "true"]
+        # the child must not join the caller's distributed job (if any)
+        env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        print(f"[treetune] building the {what} in {target} (once; a few minutes on a CPU)", file=sys.stderr)
         completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL if quiet else None)
         if completed.returncode != 0 or not (staging / "config.json").exists():
-            raise RuntimeError(f"building the tiny policy failed (exit code {completed.returncode}); "
+            raise RuntimeError(f"building the {what} failed (exit code {completed.returncode}); "
                                f"run the command by hand to see why: {' '.join(command)}")
         staging.rename(target)
     return str(target)
+
+
+def tiny_policy(cache_dir: str | Path | None = None, quiet: bool = False) -> str:
+    """Path of the tiny arith policy, built on first call (about 4 minutes on 2 CPU cores) and cached."""
+    root = Path(cache_dir) if cache_dir else cache_root()
+    target = root / f"tiny-policy-{policy_key()}"
+    return build_cached(target, "arith tiny policy",
+                        lambda staging: ["--config", str(recipe_path()), "--output_dir", str(staging)], quiet)
