@@ -3,6 +3,11 @@ exact checker), greedy accuracy on 500 arith test problems before and after, Ste
 plain DPO on whole solutions built from the same samples (same pairs, same steps), and training
 throughput and padding against TRL's plain DPOTrainer on the same step pairs.
 
+The ablation trains the whole solutions with the same trainer as the steps, so only the data
+differ, as in the paper (its DPO baseline is the same training code fed the `full_chosen` /
+`full_rejected` fields). TRL's stock DPOTrainer on the whole solutions (its own tokenisation,
+EOS appended, unsorted batches) is reported beside it as a reference, not as the ablation.
+
     python benchmarks/step_dpo_arith.py --output step_dpo_arith.json [--workdir DIR]
 """
 
@@ -77,7 +82,7 @@ def main() -> None:
 
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
-    from treetune.data.step_pairs import dpo_prompt, load_step_pairs
+    from treetune.data.step_pairs import StepPair, dpo_prompt, load_step_pairs, write_step_pairs
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
     from treetune.trainers.step_dpo import main as step_dpo
@@ -108,20 +113,31 @@ def main() -> None:
         # Step-DPO against whole-solution DPO from the same samples (problem -> prefix + the whole
         # correct continuation against prefix + the whole wrong solution from its error on), same
         # pairs, same steps, over several training seeds: one seed's gap is within the noise of 500 problems
-        whole = [{"prompt": dpo_prompt(p, "bare").removesuffix(p.initial_reason_steps),
-                  "chosen": p.initial_reason_steps + p.extra["full_chosen"],
-                  "rejected": p.initial_reason_steps + p.extra["full_rejected"]} for p in pairs]
-        step_runs, whole_runs = [], []
-        for seed in range(a.seeds):
+        whole_file = work / "whole_solution_pairs.jsonl"
+        write_step_pairs([StepPair(prompt=p.prompt, initial_reason_steps="", answer=p.answer, problem_id=p.problem_id,
+                                   chosen=p.initial_reason_steps + p.extra["full_chosen"],
+                                   rejected=p.initial_reason_steps + p.extra["full_rejected"], step_index=0,
+                                   origin="full_solution") for p in pairs], whole_file)
+        whole_trl = [{"prompt": dpo_prompt(p, "bare").removesuffix(p.initial_reason_steps),
+                      "chosen": p.initial_reason_steps + p.extra["full_chosen"],
+                      "rejected": p.initial_reason_steps + p.extra["full_rejected"]} for p in pairs]
+        arms = {"step_dpo": [], "dpo_whole_solutions": [], "trl_dpo_whole_solutions": []}
+
+        def treetune_run(name: str, pair_file: str, seed: int) -> dict:
             started = time.perf_counter()
-            step_out = step_dpo(["--pairs", pairs_file] + train_args(work / f"step_dpo_seed{seed}", a, seed))
-            metrics = json.loads((step_out / "metrics.json").read_text())
-            step_runs.append({"seed": seed, "greedy_accuracy_after": greedy(str(step_out), test, template),
-                              "seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"]})
-            dpo = plain_dpo(whole, work / f"dpo_whole_seed{seed}", a, policy, seed)
-            whole_runs.append({"seed": seed, "greedy_accuracy_after": greedy(str(work / f"dpo_whole_seed{seed}"), test, template), **dpo})
-            print(json.dumps({"step_dpo": step_runs[-1], "dpo_whole": whole_runs[-1]}, indent=2), flush=True)
-        for name, runs in (("step_dpo", step_runs), ("dpo_whole_solutions", whole_runs)):
+            out = step_dpo(["--pairs", pair_file] + train_args(work / f"{name}_seed{seed}", a, seed))
+            metrics = json.loads((out / "metrics.json").read_text())
+            return {"seed": seed, "greedy_accuracy_after": greedy(str(out), test, template),
+                    "seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"]}
+
+        for seed in range(a.seeds):
+            arms["step_dpo"].append(treetune_run("step_dpo", pairs_file, seed))
+            arms["dpo_whole_solutions"].append(treetune_run("dpo_whole", str(whole_file), seed))
+            dpo = plain_dpo(whole_trl, work / f"trl_dpo_whole_seed{seed}", a, policy, seed)
+            arms["trl_dpo_whole_solutions"].append(
+                {"seed": seed, "greedy_accuracy_after": greedy(str(work / f"trl_dpo_whole_seed{seed}"), test, template), **dpo})
+            print(json.dumps({name: runs[-1] for name, runs in arms.items()}, indent=2), flush=True)
+        for name, runs in arms.items():
             accs = [r["greedy_accuracy_after"] for r in runs]
             mean = sum(accs) / len(accs)
             result[name] = {"greedy_accuracy_after_mean": mean,
@@ -143,8 +159,9 @@ def main() -> None:
         result["throughput"]["speedup"] = (result["throughput"]["step_dpo_trainer"]["pair_tokens_per_second"]
                                            / result["throughput"]["trl_dpo_trainer"]["pair_tokens_per_second"])
     result["gain_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after_mean"] - result["greedy_accuracy_before"]), 1)
-    result["step_minus_whole_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after_mean"]
-                                                     - result["dpo_whole_solutions"]["greedy_accuracy_after_mean"]), 1)
+    for name in ("dpo_whole_solutions", "trl_dpo_whole_solutions"):
+        result[f"step_minus_{name.removeprefix('dpo_')}_points"] = round(
+            100 * (result["step_dpo"]["greedy_accuracy_after_mean"] - result[name]["greedy_accuracy_after_mean"]), 1)
     Path(a.output).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
