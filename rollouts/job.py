@@ -51,6 +51,8 @@ class RolloutArgs:
     favour: str = "low"
     stop_on_boxed: bool = True
     fallback: bool = True
+    fork: str = "fixed"  # treepo: fixed (fork b ways every segment) | coupled (fork where iid samples would diverge)
+    coupled_top_k: int = 8  # treepo fork=coupled: top log-probs per position for the forking draw
     # step search (beam, dvts, mcts): a node is one step, cut at step_delimiter, at most step_tokens
     scorer: str | None = None  # the step scorer driving the search: arith_checker, self_eval, or a PRM folder
     prm_separator: str = "\n"
@@ -85,7 +87,8 @@ def make_sampler(args: RolloutArgs, step_scorer=None, verifier=None):
             max_response_tokens=args.max_tokens, branch=args.branch, init_divergence=args.init_divergence,
             init_divergence_max=args.init_divergence_max, budget=args.budget,
             logprob_temperature=args.logprob_temperature, favour=args.favour, stop_on_boxed=args.stop_on_boxed,
-            fallback=args.fallback, temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+            fallback=args.fallback, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            fork=args.fork, coupled_top_k=args.coupled_top_k))
     raise ValueError(f"unknown sampler {args.sampler!r}; expected treepo, flat, beam, dvts or mcts")
 
 

@@ -9,6 +9,8 @@ paths' mean token log-probs through a softmax with a temperature, favouring low-
 high-probability paths. When a problem has no live path left but fewer than w trajectories, a
 finished path (preferably one that ended with EOS or a boxed answer) is cut back at a random
 segment boundary and re-forked there ("fallback"), so the new branches share its prefix.
+With `fork="coupled"` the fork points are not fixed: see treepo_coupled.py (this repo's addition,
+not in the paper), which keeps the w trajectories independent while sharing their common prefixes.
 
 All live paths of all problems at one depth go to the engine as one batch, ordered by problem
 and path so that requests with shared prefixes sit together; siblings are one request with n
@@ -27,9 +29,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .engines import Engine, GenerationRequest, SamplingSettings
+from .engines import Engine
 from .stopping import finish_reason_for, request_seed
 from .tree import ReasoningTree
+from .treepo_coupled import grow_coupled, segment_request
 
 
 @dataclass
@@ -51,12 +54,20 @@ class TreePOSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    # "fixed": fork b ways every `segment_tokens` (TreePO). "coupled": fork exactly where independent
+    # samples would leave a shared probe, so the w leaves are iid like flat sampling's (treepo_coupled.py)
+    fork: str = "fixed"
+    coupled_top_k: int = 8  # coupled: top log-probs per position, to draw the token a leaving sample takes
 
     def __post_init__(self) -> None:
         if self.budget not in ("even", "logprob"):
             raise ValueError(f"budget must be 'even' or 'logprob', not {self.budget!r}")
         if self.favour not in ("low", "high"):
             raise ValueError(f"favour must be 'low' or 'high', not {self.favour!r}")
+        if self.fork not in ("fixed", "coupled"):
+            raise ValueError(f"fork must be 'fixed' or 'coupled', not {self.fork!r}")
+        if self.fork == "coupled" and self.coupled_top_k < 2:
+            raise ValueError("fork='coupled' needs coupled_top_k >= 2 (the probe's token and another)")
         if self.branch < 1 or self.trajectories < 1 or self.segment_tokens < 1:
             raise ValueError("branch, trajectories and segment_tokens must be at least 1")
 
@@ -148,6 +159,11 @@ class TreePOSampler:
     def grow(self, engine: Engine, trees: Sequence[ReasoningTree], progress: bool = False) -> Iterator[ReasoningTree]:
         """Grow every tree to its trajectory budget; yields each tree as soon as it is finished."""
         s = self.settings
+        if s.fork == "coupled":
+            for tree in trees:
+                tree.sampler = {"name": self.name, **asdict(s)}
+            yield from grow_coupled(s, engine, trees)
+            return
         states = []
         for tree in trees:
             rng = random.Random(request_seed(s.seed, tree.problem_id, -1))
@@ -162,16 +178,7 @@ class TreePOSampler:
                     self._allocate(state)
                 batch += [(state, node_id, count) for node_id, count in sorted(state.forks.items())]
                 state.forks = {}
-            requests = []
-            for state, node_id, count in batch:
-                tree = state.tree
-                used = len(tree.path_token_ids(node_id))
-                requests.append(GenerationRequest(
-                    tree.prompt_ids + tree.path_token_ids(node_id),
-                    SamplingSettings(n=count, temperature=s.temperature, top_p=s.top_p,
-                                     max_tokens=max(1, min(s.segment_tokens, s.max_response_tokens - used)),
-                                     seed=request_seed(s.seed, tree.problem_id, node_id * 1000 + step)),
-                    group=tree.problem_id))
+            requests = [segment_request(s, state.tree, node_id, count, step) for state, node_id, count in batch]
             results = engine.generate(requests, progress=False)
             step += 1
             for (state, parent, _), result in zip(batch, results):

@@ -100,3 +100,76 @@ def test_flat_sampling_is_a_depth_one_tree(engine):
         assert tree.sampler["name"] == "flat"
     again = list(FlatSampler(FlatSettings(n=5, max_tokens=96, seed=0)).grow(engine, fresh_trees(engine, 3)))
     assert [[l.token_ids for l in t.leaves()] for t in again] == [[l.token_ids for l in t.leaves()] for t in trees]
+
+
+def test_coupled_fork_draws_like_independent_samples(tiny_policy_path):
+    # A two-token probe: an independent sample keeps its first token with p 0.7, else takes the
+    # others in the ratio 2:1; after it, keeps the second with p 0.5, else 3:2. The coupled split of
+    # 20,000 trajectories must reproduce those frequencies (no engine needed: the probe is given).
+    import math
+    import random
+
+    from transformers import AutoTokenizer
+
+    from treetune.rollouts.engines import Completion
+    from treetune.rollouts.treepo_coupled import _Coupled, _settle, _Texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
+    a, b, c, d = tokenizer.convert_tokens_to_ids(list("4567"))
+    log = math.log
+    probe = Completion([a, d], "47", [log(0.7), log(0.5)], "length",
+                       [{a: log(0.7), b: log(0.2), c: log(0.1)}, {d: log(0.5), a: log(0.3), b: log(0.2)}])
+    tree = new_tree(arith_problems("validation", 1)[0], PromptTemplate(style="bare"), tokenizer)
+    state = _Coupled(tree, random.Random(0))
+    total = 20000
+    _settle(state, 0, total, probe, TreePOSettings(fork="coupled", max_response_tokens=96), _Texts(tokenizer))
+    assert sum(count for _, count in state.groups) == total  # nobody lost, nobody finished
+    first, second = {}, {}
+    for node, count in state.groups:
+        ids = tree.path_token_ids(node)
+        first[ids[0]] = first.get(ids[0], 0) + count
+        if ids[0] == a and len(ids) > 1:
+            second[ids[1]] = second.get(ids[1], 0) + count
+    for token, p in ((a, 0.7), (b, 0.2), (c, 0.1)):
+        assert abs(first[token] / total - p) < 0.015
+    for token, p in ((d, 0.5), (a, 0.3), (b, 0.2)):
+        assert abs(second[token] / first[a] - p) < 0.02
+    assert all(len(tree.path_token_ids(n)) <= 2 for n, _ in state.groups)
+
+
+def test_coupled_treepo_invariants(engine):
+    recording = Recording(engine)
+    recording.tokenizer = engine.tokenizer
+    settings = TreePOSettings(trajectories=8, segment_tokens=6, max_response_tokens=96, seed=3, fork="coupled")
+    trees = list(TreePOSampler(settings).grow(recording, fresh_trees(engine)))
+    assert len(trees) == 6
+    eos = engine.tokenizer.eos_token_id
+    for tree in trees:
+        leaves = tree.leaves()
+        assert len(leaves) == settings.trajectories  # exactly w, no fallback needed
+        assert all(leaf.finished for leaf in tree.leaves(finished_only=False))
+        for node in tree.nodes[1:]:
+            assert len(node.token_ids) <= settings.segment_tokens and len(node.logprobs) == len(node.token_ids)
+            if not node.token_ids:  # a copy of a finished path: a leaf under that path's last node
+                assert tree.is_leaf(node.id) and tree.nodes[node.parent].token_ids
+        for leaf in leaves:
+            assert tree.path_text(leaf.id) == "".join(n.text for n in tree.path(leaf.id))
+            ids = [t for t in tree.path_token_ids(leaf.id) if t != eos]
+            assert engine.tokenizer.decode(ids) == tree.path_text(leaf.id)
+        # shared prefixes are decoded once: fewer tokens than the trajectories' total length
+        assert tree.decoded_tokens() < sum(len(tree.path_token_ids(l.id)) for l in leaves)
+    by_prompt = {tuple(t.prompt_ids + t.path_token_ids(n.id)) for t in trees for n in t.nodes}
+    for batch in recording.batches:
+        assert all(r.sampling.n == 1 and tuple(r.prompt_ids) in by_prompt for r in batch)  # one probe per group
+    assert len(recording.batches[0]) == 6 and max(len(b) for b in recording.batches) > 6
+    assert any(len({t.path_text(l.id) for l in t.leaves()}) > 1 for t in trees)  # trajectories do fork
+    assert any(l.finish_reason == "boxed" for t in trees for l in t.leaves())
+
+
+def test_fork_setting_is_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="fork"):
+        TreePOSettings(fork="sometimes")
+    with pytest.raises(ValueError, match="coupled_top_k"):
+        TreePOSettings(fork="coupled", coupled_top_k=1)
