@@ -41,7 +41,6 @@ from .stopping import finish_reason_for, request_seed
 from .tree import ReasoningTree
 
 
-
 def segment_request(s, tree: ReasoningTree, node: int, n: int, step: int, top_logprobs: int = 0) -> GenerationRequest:
     """One segment's request from `node`: n samples of at most `segment_tokens` (within the length
     limit), seeded by problem, node and round; grouped by problem so its prefix cache is reused."""
@@ -52,6 +51,7 @@ def segment_request(s, tree: ReasoningTree, node: int, n: int, step: int, top_lo
                          max_tokens=max(1, min(s.segment_tokens, s.max_response_tokens - used)),
                          seed=request_seed(s.seed, tree.problem_id, node * 1000 + step), top_logprobs=top_logprobs),
         group=tree.problem_id)
+
 
 @dataclass
 class _Coupled:
