@@ -121,7 +121,7 @@ def main() -> None:
 
         # Best-of-16 with the PRM against majority@16.
         bon = BestOfNArgs(output_dir=str(work / "bon"), limit=args.eval_problems, n=16, max_tokens=128, seed=2,
-                          selectors="majority,prm_last,prm_min,prm_product,first", prm_path=str(prm_dir))
+                          selectors="majority,prm_last,prm_min,prm_product,weighted_prm_last,weighted_prm_min,weighted_prm_product,first", prm_path=str(prm_dir))
         problems = load_problems("arith", "test", limit=args.eval_problems)
         with VLLMEngine(tiny_policy()) as engine:
             sample(bon, engine, problems, template, grader)

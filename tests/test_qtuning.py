@@ -4,6 +4,7 @@ few real Q-Tuning SFT steps on the tiny policy (full-parameter and LoRA)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,16 @@ def test_random_baseline_prunes_to_the_same_budgets():
         assert stats["answer_tokens"] == 42 and stats["loss_tokens"] == 9 and stats["backward_tokens"] == 36
         seen.update(kept.tolist())
     assert len(seen) == 7  # every row with an answer gets its turn
+
+
+def test_resume_continues_the_totals_and_the_random_draws(tmp_path):
+    """A run stopped at a checkpoint and resumed ends with the same totals as one that ran through
+    (the random baseline's draws depend only on its generator and the data order)."""
+    flags = ("--pruning", "random", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
+    whole = _launch(tmp_path / "whole", *flags)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", stopped / "checkpoint-2")
+    resumed = _launch(stopped, *flags, "--resume_from_checkpoint", str(stopped / "checkpoint-2"))
+    assert resumed["steps"] == whole["steps"] == 4
+    assert resumed["totals"] == whole["totals"]
+    assert 0 < whole["totals"]["loss_tokens"] < whole["totals"]["answer_tokens"]

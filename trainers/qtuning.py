@@ -196,6 +196,37 @@ class QTuningTrainer(SFTTrainer):
         self._qtuning_logged_step = 0
         self._qtuning_rng = np.random.default_rng([self.args.seed, self.accelerator.process_index])
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Restored before the loop starts: the Trainer restores its own RNG only after the first
+        # resumed batch has been pruned, which would drop that batch from the totals.
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint:
+            self._load_qtuning_state(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Called on every rank with each checkpoint: the running totals and the random baseline's
+        # generator go with it, so a resumed run neither restarts its counts nor repeats its draws.
+        super()._save_rng_state(output_dir)
+        state = {"totals": self.qtuning_totals, "window": self._qtuning_window,
+                 "logged_step": self._qtuning_logged_step, "rng": self._qtuning_rng.bit_generator.state}
+        Path(output_dir, f"qtuning_state_{self.args.process_index}.json").write_text(json.dumps(state))
+
+    def _load_qtuning_state(self, checkpoint: str) -> None:
+        path = Path(checkpoint, f"qtuning_state_{self.args.process_index}.json")
+        if not path.is_file():
+            log.warning("%s not found: Q-Tuning's token totals restart from zero on this resume", path)
+            return
+        state = json.loads(path.read_text())
+        self.qtuning_totals = {name: int(state["totals"].get(name, 0)) for name in STATS}
+        self._qtuning_window = {name: int(state["window"].get(name, 0)) for name in STATS}
+        self._qtuning_logged_step = int(state["logged_step"])
+        self._qtuning_rng.bit_generator.state = state["rng"]
+
     @property
     def prunes(self) -> bool:
         return self.args.sample_ratio < 1.0 or self.args.token_ratio < 1.0
