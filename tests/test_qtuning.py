@@ -272,3 +272,31 @@ def test_resume_continues_the_totals_and_the_random_draws(tmp_path):
     assert resumed["steps"] == whole["steps"] == 4
     assert resumed["totals"] == whole["totals"]
     assert 0 < whole["totals"]["loss_tokens"] < whole["totals"]["answer_tokens"]
+
+
+def test_qtuning_under_deepspeed_zero3_with_two_processes(tmp_path, tiny_policy_path):
+    """The real DeepSpeed engine (CPU accelerator, gloo): each rank prunes its own micro-batches, the
+    logged totals are summed over ranks, every rank checkpoints its Q-Tuning state, and the saved
+    model is whole (16-bit gathered) and trained."""
+    import os
+
+    from treetune.trainers.distributed import launch_command
+
+    out = tmp_path / "zero3"
+    command = launch_command(ROOT / "configs" / "accelerate" / "zero3.yaml", [str(ROOT / "launch" / "qtuning_sft.py")],
+                             num_processes=2)
+    command += ["--config", str(ROOT / "configs" / "arith" / "qtuning_sft.yaml"), "--num_train_examples", "64",
+                "--max_steps", "2", "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true",
+                "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out)]
+    env = dict(os.environ, TREETUNE_LOG="WARNING", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    totals = metrics["totals"]
+    assert totals["samples"] == 2 * 2 * 8 * 2 and totals["kept_samples"] == totals["samples"] // 4
+    assert 0 < totals["loss_tokens"] < totals["answer_tokens"]
+    states = [json.loads((out / "checkpoint-2" / f"qtuning_state_{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0]["totals"] == states[1]["totals"] == totals
+    assert (out / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own checkpoint format
+    assert _changed(out, tiny_policy_path)
