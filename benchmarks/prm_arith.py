@@ -1,6 +1,8 @@
 """A PRM on the proving ground, end to end: MC labels from the tiny policy's own samples, their
 agreement with the exact checker, a PRM trained on them, its ProcessBench-style F1 against the
 checker on held-out problems, best-of-16 with it against majority@16, and scoring throughput.
+The PRM is fused with the backbone's likelihood of each step (`treetune.rewards.prm_fusion`); the
+separator head alone is reported beside it.
 
     python benchmarks/prm_arith.py --output prm_arith.json [--workdir DIR]
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,16 +21,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--train_problems", type=int, default=250)
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--train_problems", type=int, default=4000)
+    parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--eval_problems", type=int, default=300)
-    parser.add_argument("--epochs", type=float, default=12.0)
+    parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--labels", choices=["consensus", "all"], default="consensus",
                         help="train on consensus-filtered MC labels (default) or on all of them")
-    parser.add_argument("--keep_after_error", action="store_true",
-                        help="keep the labels of steps after the first error (default: drop them, as Qwen does)")
+    parser.add_argument("--truncate_at_error", action="store_true",
+                        help="drop the labels of steps after the first error, as Qwen does (default: keep them; "
+                             "the fusion fit drops them either way)")
     args = parser.parse_args()
 
     from transformers import TrainingArguments
@@ -39,6 +43,7 @@ def main() -> None:
     from treetune.rewards.mc_labels import consensus, mc_estimate, to_stepwise
     from treetune.rewards.outcome import score_outcomes
     from treetune.rewards.prm import DiscriminativePRM
+    from treetune.rewards.prm_fusion import FUSION_FILE
     from treetune.rewards.prm_eval_run import arith_cases
     from treetune.rewards.prm_formats import write_stepwise
     from treetune.rewards.processbench import evaluate_splits
@@ -85,50 +90,65 @@ def main() -> None:
 
         # Hard MC labels after consensus filtering (the judge here is the exact checker): the
         # combination the Qwen2.5-Math-PRM study found best.
-        records = to_stepwise(kept if args.labels == "consensus" else solutions, "hard", truncate=not args.keep_after_error)
+        records = to_stepwise(kept if args.labels == "consensus" else solutions, "hard", truncate=args.truncate_at_error)
         write_stepwise(records, work / "mc_hard.jsonl")
         training = TrainingArguments(output_dir=str(work / "prm"), num_train_epochs=args.epochs, per_device_train_batch_size=32,
                                      learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10,
                                      save_strategy="no", report_to=[], seed=0, disable_tqdm=True, remove_unused_columns=False,
                                      bf16=False)
         started = time.perf_counter()
-        prm_dir = train_prm(PRMScriptArguments(train_file=str(work / "mc_hard.jsonl"), max_length=256), training)
+        prm_dir = train_prm(PRMScriptArguments(train_file=str(work / "mc_hard.jsonl"), max_length=256, likelihood_fusion=True), training)
         result["prm_training_seconds"] = round(time.perf_counter() - started, 1)
         result["prm_training_records"] = len(records)
-        result["prm_training_labels"] = f"hard MC, {args.labels}, " + ("all steps" if args.keep_after_error else "truncated at the first error")
+        result["prm_training_labels"] = f"hard MC, {args.labels}, " + ("truncated at the first error" if args.truncate_at_error else "all steps")
+        train_metrics = json.loads((prm_dir / "train_metrics.json").read_text())
+        result["fusion"] = {"held_out_records": train_metrics["fusion_records"], **train_metrics["fusion"]}
+        # the same head without the fusion, for the ablation
+        head_dir = work / "prm_head_only"
+        shutil.rmtree(head_dir, ignore_errors=True)
+        shutil.copytree(prm_dir, head_dir, ignore=shutil.ignore_patterns(FUSION_FILE))
 
         # Held-out F1 against the checker on fresh samples of test problems.
         from treetune.rewards.prm_eval_run import sample_arith_trees
 
         eval_trees = sample_arith_trees(args.eval_problems, seed=1)
         questions, steps, labels = arith_cases(eval_trees)
-        prm = DiscriminativePRM(str(prm_dir))
-        started = time.perf_counter()
-        scores = prm.score(questions, steps)
-        batched = time.perf_counter() - started
-        one = DiscriminativePRM(str(prm_dir), batch_size=1)
-        started = time.perf_counter()
-        one.score(questions[:200], steps[:200])
-        single = time.perf_counter() - started
         n_steps = sum(len(s) for s in steps)
-        result["scoring"] = {"steps_per_second_batched": n_steps / batched,
-                             "steps_per_second_one_at_a_time": sum(len(s) for s in steps[:200]) / single}
-        sweep = evaluate_splits({"arith": scores}, {"arith": labels}, [round(0.05 * i, 2) for i in range(1, 20)])
-        best = max(sweep, key=lambda t: sweep[t]["average_f1"])
-        result["processbench_arith"] = {"solutions": len(labels), "best_threshold": float(best), **sweep[best]["splits"]["arith"],
-                                        "f1_at_0.5": sweep["0.5"]["splits"]["arith"]["f1"]}
-        print(json.dumps(result["processbench_arith"], indent=2), flush=True)
-
-        # Best-of-16 with the PRM against majority@16.
-        bon = BestOfNArgs(output_dir=str(work / "bon"), limit=args.eval_problems, n=16, max_tokens=128, seed=2,
-                          selectors="majority,prm_last,prm_min,prm_product,weighted_prm_last,weighted_prm_min,weighted_prm_product,first", prm_path=str(prm_dir))
+        bon = BestOfNArgs(output_dir=str(work / "bon"), limit=args.eval_problems, n=16, max_tokens=128, seed=2)
         problems = load_problems("arith", "test", limit=args.eval_problems)
         with VLLMEngine(tiny_policy()) as engine:
             sample(bon, engine, problems, template, grader)
-        metrics = evaluate_trees(bon, problems, grader)
-        result["best_of_16"] = {name: metrics["selectors"][name]["16"]["accuracy"] for name in metrics["selectors"]}
-        result["best_of_16"]["pass@16"] = metrics["pass_at_k"]["16"]
-        print(json.dumps(result["best_of_16"], indent=2), flush=True)
+        selectors = "majority,prm_last,prm_min,prm_product,weighted_prm_last,weighted_prm_min,weighted_prm_product,first"
+        for variant, path in (("fused", prm_dir), ("head_only", head_dir)):
+            prm = DiscriminativePRM(str(path))
+            started = time.perf_counter()
+            scores = prm.score(questions, steps)
+            batched = time.perf_counter() - started
+            one = DiscriminativePRM(str(path), batch_size=1)
+            started = time.perf_counter()
+            one.score(questions[:200], steps[:200])
+            single = time.perf_counter() - started
+            sweep = evaluate_splits({"arith": scores}, {"arith": labels}, [round(0.05 * i, 2) for i in range(1, 20)])
+            best = max(sweep, key=lambda t: sweep[t]["average_f1"])
+            metrics = evaluate_trees(BestOfNArgs(output_dir=str(work / f"bon_{variant}"), trees_path=str(work / "bon" / "trees"),
+                                                 limit=args.eval_problems, n=16, seed=2, selectors=selectors, prm_path=str(path)),
+                                     problems, grader)
+            best_of_16 = {name: metrics["selectors"][name]["16"]["accuracy"] for name in metrics["selectors"]}
+            best_of_16["pass@16"] = metrics["pass_at_k"]["16"]
+            best_prm = max((k for k in best_of_16 if "prm" in k), key=best_of_16.get)
+            result[variant] = {
+                "scoring": {"steps_per_second_batched": n_steps / batched,
+                            "steps_per_second_one_at_a_time": sum(len(s) for s in steps[:200]) / single},
+                "processbench_arith": {"solutions": len(labels), "best_threshold": float(best), **sweep[best]["splits"]["arith"],
+                                       "f1_at_0.5": sweep["0.5"]["splits"]["arith"]["f1"]},
+                "best_of_16": best_of_16,
+                "best_prm_selector": best_prm,
+                "best_prm_minus_majority_points": round(100 * (best_of_16[best_prm] - best_of_16["majority"]), 1),
+            }
+            print(variant, json.dumps(result[variant], indent=2), flush=True)
+        fused = result["fused"]
+        result["targets"] = {"f1_at_least_0.7": fused["processbench_arith"]["f1"] >= 0.7,
+                             "best_of_16_at_least_majority_plus_3": fused["best_prm_minus_majority_points"] >= 3.0}
     Path(args.output).write_text(json.dumps(result, indent=2))
 
 

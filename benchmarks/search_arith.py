@@ -5,7 +5,7 @@ the leaves of many trees batched per engine call against one tree at a time.
 
     python benchmarks/search_arith.py --output search_arith.json [--prm_path DIR] [--problems 300]
 
-Without --prm_path a PRM is trained first by benchmarks/prm_arith.py (the house recipe; ~10 min).
+Without --prm_path a PRM is trained first by benchmarks/prm_arith.py (the house recipe; ~15 min).
 No method sees the gold answer: MCTS grades finished nodes with the scorer (`terminal_value=scorer`);
 only the extra `mcts_verifier` row (the training-data setting of MCTS-DPO) uses it, and is marked so.
 Tokens are the tokens the engine generated per problem (duplicates merged by MCTS included).

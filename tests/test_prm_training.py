@@ -91,3 +91,69 @@ def test_short_training_run_loss_falls_and_scores(tmp_path, tiny_policy_path):
     scores = prm.score([problem.question, problem.question], [steps, steps[:2]])
     assert [len(s) for s in scores] == [len(steps), 2]
     assert all(0.0 <= x <= 1.0 for s in scores for x in s)
+
+    # the recipe fuses the head with the backbone's likelihood, fitted on held-out records
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["records"] + metrics["fusion_records"] == 768 and metrics["fusion_records"] == 77
+    fusion = json.loads((out / "fusion.json").read_text())
+    assert fusion["features"] == ["head_logit", "step_min_logp", "step_mean_logp", "prefix_min_logp"]
+    assert fusion["fit_loss"] < fusion["prior_loss"]
+    head_only = DiscriminativePRM(str(out), fusion=False).score([problem.question], [steps])
+    assert head_only != scores[:1]
+
+
+def test_step_spans_cover_each_step_without_its_separator(tokenizer):
+    record = {"prompt": "Mia has 7 pens.\n", "completions": ["7+15=22", "22-5=17", "The answer is \\boxed{17}"],
+              "labels": [True, False, False]}
+    row = tokenize_stepwise(record, tokenizer, separator="\n", spans=True)
+    assert len(row["step_spans"]) == 3
+    for (a, b), step in zip(row["step_spans"], record["completions"]):
+        assert tokenizer.decode(row["input_ids"][a:b]) == step
+    # a cut at max_length keeps the spans of the steps whose label survived
+    cut = tokenize_stepwise(record, tokenizer, separator="\n", max_length=row["step_spans"][1][1] + 1, spans=True)
+    assert len(cut["step_spans"]) == 2 == sum(1 for l in cut["labels"] if l != IGNORE)
+
+
+def test_fusion_fit_recovers_a_known_logistic_model(tmp_path):
+    import numpy as np
+
+    from treetune.rewards import prm_fusion
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20000, 2)) * [1.0, 3.0] + [0.0, -2.0]
+    truth_w, truth_b = np.array([1.5, -0.5]), 0.3
+    y = (rng.random(20000) < 1 / (1 + np.exp(-(x @ truth_w + truth_b)))).astype(float)
+    fusion = prm_fusion.fit(x.tolist(), y.tolist(), ["head_logit", "step_min_logp"], l2=0.0)
+    assert np.allclose(fusion["weights"], truth_w, atol=0.1) and abs(fusion["bias"] - truth_b) < 0.1
+    assert fusion["fit_loss"] < fusion["prior_loss"]
+    p = prm_fusion.apply(fusion, [[0.0, 0.0], [2.0, 0.0]])
+    assert p[0] == pytest.approx(1 / (1 + np.exp(-fusion["bias"])))
+    assert p[1] > p[0]
+    with pytest.raises(ValueError, match="labels are all"):
+        prm_fusion.fit([[0.0]] * 20, [1.0] * 20, ["head_logit"])
+    with pytest.raises(ValueError, match="do not match"):
+        prm_fusion.fit([[0.0, 1.0]] * 20, [1.0] * 20, ["head_logit"])
+    (tmp_path / prm_fusion.FUSION_FILE).write_text(json.dumps({"features": ["mystery"], "weights": [1.0], "bias": 0.0}))
+    with pytest.raises(ValueError, match="fusion.json"):
+        prm_fusion.load(tmp_path)
+
+
+def test_step_log_probs_match_one_row_at_a_time(tokenizer, tiny_policy_path):
+    from transformers import AutoModelForCausalLM
+
+    from treetune.rewards.prm_fusion import likelihood_features, step_log_probs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_path).eval()
+    problems = arith_problems("test", 3)
+    rows = [tokenize_stepwise({"prompt": p.question + "\n", "completions": split_steps(p.solution, "line"),
+                               "labels": [1.0] * len(split_steps(p.solution, "line"))}, tokenizer, spans=True) for p in problems]
+    batched = step_log_probs(model, rows, tokenizer.pad_token_id or tokenizer.eos_token_id, batch_size=3)
+    for row, together in zip(rows, batched):
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        for (a, b), (low, mean) in zip(row["step_spans"], together):
+            token_logp = [logp[j - 1, row["input_ids"][j]].item() for j in range(a, b)]
+            assert low == pytest.approx(min(token_logp), abs=1e-4) and mean == pytest.approx(sum(token_logp) / len(token_logp), abs=1e-4)
+    features = likelihood_features([(-1.0, -0.5), (-3.0, -1.0), (-2.0, -0.2)])
+    assert [f[2] for f in features] == [-1.0, -3.0, -3.0]

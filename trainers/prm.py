@@ -20,25 +20,32 @@ from transformers import Trainer
 IGNORE = -100.0
 
 
-def tokenize_stepwise(record: dict, tokenizer, separator: str = "\n", max_length: int | None = None) -> dict:
+def tokenize_stepwise(record: dict, tokenizer, separator: str = "\n", max_length: int | None = None,
+                      spans: bool = False) -> dict:
     """input_ids and float labels for one {prompt, completions, labels} record.
 
     Labels are floats: 1.0 / 0.0 for hard labels, the value itself for soft ones, -100 elsewhere.
-    A step cut off by `max_length` loses its label with it.
+    A step cut off by `max_length` loses its label with it. With `spans`, also `step_spans`: the
+    [start, end) token positions of each kept step's text, its separator excluded.
     """
     ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
         ids = [tokenizer.bos_token_id] + ids
     labels = [IGNORE] * len(ids)
+    step_spans = []
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
     if not separator_ids:
         raise ValueError(f"the separator {separator!r} tokenizes to nothing")
     for step, label in zip(record["completions"], record["labels"]):
         step_ids = tokenizer(step, add_special_tokens=False)["input_ids"] + separator_ids
+        step_spans.append((len(ids), len(ids) + len(step_ids) - len(separator_ids)))
         ids += step_ids
         labels += [IGNORE] * (len(step_ids) - 1) + [float(label)]
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
+    if spans:
+        kept = sum(1 for label in labels if label != IGNORE)
+        return {"input_ids": ids, "labels": labels, "step_spans": step_spans[:kept]}
     return {"input_ids": ids, "labels": labels}
 
 
