@@ -157,3 +157,30 @@ def test_step_log_probs_match_one_row_at_a_time(tokenizer, tiny_policy_path):
             assert low == pytest.approx(min(token_logp), abs=1e-4) and mean == pytest.approx(sum(token_logp) / len(token_logp), abs=1e-4)
     features = likelihood_features([(-1.0, -0.5), (-3.0, -1.0), (-2.0, -0.2)])
     assert [f[2] for f in features] == [-1.0, -3.0, -3.0]
+
+
+def test_fused_prm_under_zero3_with_two_processes(tmp_path, tiny_policy_path):
+    """The recipe under DeepSpeed ZeRO-3 (2 processes, gloo): the saved head loads whole and the
+    fusion is fitted after the other rank has left."""
+    import os
+
+    from treetune.trainers.distributed import launch_command
+
+    write_stepwise(arith_records(256, 1), tmp_path / "labels.jsonl")
+    out = tmp_path / "prm"
+    command = launch_command(ROOT / "configs" / "accelerate" / "zero3.yaml",
+                             ["launch/train_prm.py", "--config", "configs/prm/arith.yaml", "--train_file", str(tmp_path / "labels.jsonl"),
+                              "--output_dir", str(out), "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+                              "--disable_tqdm", "true"], num_processes=2)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["fusion_records"] == 26 and metrics["fusion"]["fit_loss"] < metrics["fusion"]["prior_loss"]
+
+    from treetune.rewards.prm import DiscriminativePRM
+
+    problem = arith_problems("test", 1)[0]
+    steps = split_steps(problem.solution, "line")
+    scores = DiscriminativePRM(str(out)).score([problem.question], [steps])
+    assert len(scores[0]) == len(steps) and all(0.0 <= x <= 1.0 for x in scores[0])

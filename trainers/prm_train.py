@@ -121,6 +121,11 @@ def run(args: PRMScriptArguments, training_args) -> Path:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         metrics = dict(result.metrics, records=len(records), losses=losses)
         if args.likelihood_fusion:
+            # training is over: load the models for the fit whole, not as ZeRO-3 partitions of
+            # ranks that have already left
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
             fusion = fit_fusion(out, backbone, held_out, args.separator, args.max_length,
                                 [f.strip() for f in args.fusion_features.split(",") if f.strip()])
             metrics.update(fusion_records=len(held_out), fusion=fusion)
