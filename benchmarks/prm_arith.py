@@ -50,7 +50,7 @@ def main() -> None:
     from treetune.rollouts.engines import VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings
     from treetune.rollouts.job import new_tree
-    from treetune.trainers.prm_train import PRMScriptArguments, run as train_prm
+    from treetune.trainers.prm_train import PRMScriptArguments, run as train_prm, split_holdout
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prm_arith_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -118,6 +118,10 @@ def main() -> None:
         problems = load_problems("arith", "test", limit=args.eval_problems)
         with VLLMEngine(tiny_policy()) as engine:
             sample(bon, engine, problems, template, grader)
+        # a threshold chosen without the test set: the best on the fusion's held-out training
+        # solutions, whose consensus-filtered MC labels equal the checker's
+        _, held = split_holdout(records, 0.1, 0)
+        held_truth = [next((i for i, label in enumerate(r["labels"]) if not label), -1) for r in held]
         selectors = "majority,prm_last,prm_min,prm_product,weighted_prm_last,weighted_prm_min,weighted_prm_product,first"
         for variant, path in (("fused", prm_dir), ("head_only", head_dir)):
             prm = DiscriminativePRM(str(path))
@@ -130,6 +134,10 @@ def main() -> None:
             single = time.perf_counter() - started
             sweep = evaluate_splits({"arith": scores}, {"arith": labels}, [round(0.05 * i, 2) for i in range(1, 20)])
             best = max(sweep, key=lambda t: sweep[t]["average_f1"])
+            held_sweep = evaluate_splits({"held": prm.score([r["prompt"].removesuffix("\n") for r in held],
+                                                            [r["completions"] for r in held])},
+                                         {"held": held_truth}, [float(t) for t in sweep])
+            held_best = max(held_sweep, key=lambda t: held_sweep[t]["average_f1"])
             metrics = evaluate_trees(BestOfNArgs(output_dir=str(work / f"bon_{variant}"), trees_path=str(work / "bon" / "trees"),
                                                  limit=args.eval_problems, n=16, seed=2, selectors=selectors, prm_path=str(path)),
                                      problems, grader)
@@ -140,7 +148,9 @@ def main() -> None:
                 "scoring": {"steps_per_second_batched": n_steps / batched,
                             "steps_per_second_one_at_a_time": sum(len(s) for s in steps[:200]) / single},
                 "processbench_arith": {"solutions": len(labels), "best_threshold": float(best), **sweep[best]["splits"]["arith"],
-                                       "f1_at_0.5": sweep["0.5"]["splits"]["arith"]["f1"]},
+                                       "f1_at_0.5": sweep["0.5"]["splits"]["arith"]["f1"],
+                                       "threshold_from_held_out_training_solutions": float(held_best),
+                                       "f1_at_that_threshold": sweep[held_best]["splits"]["arith"]["f1"]},
                 "best_of_16": best_of_16,
                 "best_prm_selector": best_prm,
                 "best_prm_minus_majority_points": round(100 * (best_of_16[best_prm] - best_of_16["majority"]), 1),
