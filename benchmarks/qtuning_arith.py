@@ -34,6 +34,11 @@ nothing on this task once examples are plentiful. Selecting over 32 samples at o
 accumulation, same optimizer batch) instead of 8 did worse: 96.6 with seed 0.
 
     python benchmarks/qtuning_arith.py --output qtuning_arith.json [--workdir DIR] [--train_problems 2000]
+
+Arms and training seeds can also run as separate invocations (`--arms full_sft --seed 1`), two at a
+time with OMP_NUM_THREADS=1 on a 2-core machine, and be combined afterwards, per seed and on the mean:
+
+    python benchmarks/qtuning_arith.py --output merged.json --merge full_s0.json qtuning_s0.json qtuning_s1.json ...
 """
 
 from __future__ import annotations
@@ -212,20 +217,95 @@ def train(arm: str, data: Path, out: Path, a) -> dict:
             "topped_up": totals["topped_up"]}
 
 
+def error_kinds(rows: list[dict]) -> dict:
+    """What the wrong solutions got wrong at their first wrong step: a result off by a multiple of 10
+    (a missed or spurious carry), a result off otherwise, a right result of the wrong operands, or
+    a step that is not an equation (the answer line, a missing step)."""
+    import re
+
+    kinds = {"carry": 0, "other_result": 0, "wrong_operands": 0, "not_an_equation": 0}
+    for row in rows:
+        if row["correct"]:
+            continue
+        steps = [line for line in row["output"].split("\n") if line.strip()]
+        at = row.get("first_wrong_step", -1)
+        found = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(\d+)\s*", steps[at]) if 0 <= at < len(steps) else None
+        if not found:
+            kinds["not_an_equation"] += 1
+            continue
+        left, sign, right, result = int(found[1]), found[2], int(found[3]), int(found[4])
+        off = result - (left + right if sign == "+" else left - right)
+        kinds["wrong_operands" if off == 0 else "carry" if off % 10 == 0 else "other_result"] += 1
+    return kinds
+
+
 def greedy(model: str, problems, template) -> dict:
     from treetune.rewards.evaluation import greedy_eval
     from treetune.rollouts.engines import VLLMEngine
 
     with VLLMEngine(model) as engine:
-        metrics, _ = greedy_eval(engine, engine.tokenizer, problems, template, max_tokens=128, progress=False)
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        metrics, rows = greedy_eval(engine, engine.tokenizer, problems, template, max_tokens=128, progress=False)
+    return {**{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, "errors": error_kinds(rows)}
+
+
+def greedy_again(model: Path, eval_problems: int) -> dict:
+    from treetune.data import PromptTemplate, load_problems
+
+    if not model.is_dir():
+        raise FileNotFoundError(f"{model}: the trained model is gone; cannot re-evaluate its errors")
+    return greedy(str(model), load_problems("arith", "test", limit=eval_problems), PromptTemplate(style="bare"))
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from runs made by separate invocations (arms and seeds in parallel): every arm's
+    accuracy per training seed, each arm's difference to full SFT of the same seed, and the means."""
+    runs: dict[str, dict[int, dict]] = {}
+    settings = None
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        same = {k: v for k, v in part["settings"].items() if k not in ("output", "workdir", "arms", "seed")}
+        if settings is not None and same != settings:
+            raise ValueError(f"{path}: settings differ from the first file's: {same} vs {settings}")
+        settings = same
+        for arm, run in part["arms"].items():
+            if "errors" not in run["eval"]:  # a run from before the error kinds were recorded
+                again = greedy_again(Path(part["settings"]["workdir"]) / arm, part["settings"]["eval_problems"])
+                run["eval"]["errors"] = again["errors"]
+                if again["accuracy"] != run["eval"]["accuracy"]:  # greedy should repeat itself; say so if not
+                    run["eval"]["accuracy_on_re_evaluation"] = again["accuracy"]
+            if part["settings"]["seed"] in runs.setdefault(arm, {}):
+                raise ValueError(f"{path}: arm {arm} seed {part['settings']['seed']} given twice")
+            runs[arm][part["settings"]["seed"]] = {**run, "start": part["start"], "source": path}
+    full = runs.get("full_sft", {})
+    out: dict = {"settings": settings, "merged_from": paths, "arms": {}}
+    for arm, by_seed in runs.items():
+        accs = {seed: run["eval"]["accuracy"] for seed, run in sorted(by_seed.items())}
+        errors = {kind: sum(run["eval"]["errors"][kind] for run in by_seed.values()) for kind in next(iter(by_seed.values()))["eval"]["errors"]}
+        summary: dict = {"accuracy_by_seed": accs, "accuracy_mean": round(sum(accs.values()) / len(accs), 4),
+                         "errors_over_seeds": errors,
+                         "backward_tokens_by_seed": {s: r["backward_tokens"] for s, r in sorted(by_seed.items())}}
+        if arm != "full_sft" and full:
+            paired = [s for s in accs if s in full]
+            if paired:
+                diffs = {s: round(100 * (accs[s] - full[s]["eval"]["accuracy"]), 1) for s in paired}
+                summary["points_vs_full_by_seed"] = diffs
+                summary["points_vs_full_mean"] = round(sum(diffs.values()) / len(diffs), 2)
+                summary["backward_tokens_vs_full_mean"] = round(
+                    sum(by_seed[s]["backward_tokens"] / full[s]["backward_tokens"] for s in paired) / len(paired), 4)
+        out["arms"][arm] = {**summary, "runs": by_seed}
+    q25 = out["arms"].get("qtuning_25x50", {})
+    if "points_vs_full_mean" in q25:
+        out["target_25x50_within_1_point_on_mean"] = q25["points_vs_full_mean"] >= -1.0
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="combine the outputs of separate invocations (other arms or seeds) into --output, and stop")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--train_problems", type=int, default=32000,
+    parser.add_argument("--train_problems", type=int, default=64000,
                         help="SFT records (default: a large, redundant set, where the paper places pruning)")
     parser.add_argument("--noise", type=float, default=0.3, help="Share of training solutions with one carried arithmetic slip.")
     parser.add_argument("--data_seed", type=int, default=1)
@@ -238,6 +318,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed (data order, random pruning)")
     parser.add_argument("--skip_diagnostic", action="store_true")
     a = parser.parse_args()
+    if a.merge:
+        merged = merge(a.merge)
+        Path(a.output).write_text(json.dumps(merged, indent=2))
+        print(json.dumps({arm: {k: v for k, v in s.items() if k != "runs"} for arm, s in merged["arms"].items()}, indent=2))
+        return
 
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
