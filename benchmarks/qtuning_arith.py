@@ -15,8 +15,11 @@ Beside the accuracies the JSON reports, from the starting model's own scoring of
 batches of 8 (the selection of the first step), how often clean and corrupted solutions are kept
 and how often the slipped token is masked in a kept corrupted solution: what the selection does.
 
-The set's size decides the outcome, so the default is a large set (32000 records, as the paper's
-SFT sets are large: WizardLM, MathInstruct). Measured, same start (63.0%), 3 epochs, 500 test problems:
+The set's size decides the outcome, so the default is a large set (64000 records; the paper's SFT
+sets are WizardLM's 70k and MathInstruct's 262k). Measured, 3 epochs, 500 test problems, from the
+same start within each block (the tiny policy is rebuilt per machine and its build stops at the
+first held-out check above 45%, so the start moves between builds: 63.0% for the first four rows,
+47.8% for the last):
 
     records   full SFT   Q-Tuning 25% x 50%   12.5% x 50%   random 25% x 50%   12.5% x 50%
      2000      98.4        86.4                 59.8           81.8               -
@@ -24,6 +27,7 @@ SFT sets are large: WizardLM, MathInstruct). Measured, same start (63.0%), 3 epo
     32000     100.0        99.2                 98.0           99.2               98.6
     32000     100.0        98.4                 (training seed 1; full and 25% x 50% only)
     32000     100.0        99.2                 (training seed 2; full and 25% x 50% only)
+    64000     100.0 / 100.0 / -    98.8 / 99.4 / 99.2   (training seeds 0 / 1 / 2; full SFT's seed 2 not run)
 
 Pruning pays where the data are redundant. On 2000 records every sample still teaches: a quarter
 of each batch leaves the model short of examples, and there Q-Tuning's choice beats random
@@ -31,7 +35,15 @@ pruning. On 32000 both prunings come within one to two points of full SFT for a 
 eighth) of its backward-pass tokens (Q-Tuning 25% x 50%: -0.8, -1.6 and -0.8 points over three
 training seeds, mean -1.07), and random pruning does as well as Q-Tuning: the selection earns
 nothing on this task once examples are plentiful. Selecting over 32 samples at once (batch 32, no
-accumulation, same optimizer batch) instead of 8 did worse: 96.6 with seed 0.
+accumulation, same optimizer batch) instead of 8 did worse: 96.6 with seed 0. On 64000, Q-Tuning
+25% x 50% is 0.9 points below full SFT on the two paired seeds (-1.2, -0.6) and at most 0.87 below
+on the mean of all three (seed 2 against full SFT's best possible 100%), for 0.248x its backward
+tokens: within the 1-point target.
+What Q-Tuning still gets wrong is the carry: of its 13 wrong answers over the three seeds, 10 first
+go wrong in a result off by 10 (39+1=30), 3 in a result off otherwise. The token rule masks the
+highest-perplexity answer tokens of misconception samples, and on arith those are the equations'
+result digits (the selection diagnostic at 2000 records: 96.6% of them masked), hardest where a
+carry is due; full SFT, which trains on every one, makes no error.
 
     python benchmarks/qtuning_arith.py --output qtuning_arith.json [--workdir DIR] [--train_problems 2000]
 
@@ -263,7 +275,7 @@ def merge(paths: list[str]) -> dict:
     settings = None
     for path in paths:
         part = json.loads(Path(path).read_text())
-        same = {k: v for k, v in part["settings"].items() if k not in ("output", "workdir", "arms", "seed")}
+        same = {k: v for k, v in part["settings"].items() if k not in ("output", "workdir", "arms", "seed", "merge")}
         if settings is not None and same != settings:
             raise ValueError(f"{path}: settings differ from the first file's: {same} vs {settings}")
         settings = same
@@ -290,12 +302,16 @@ def merge(paths: list[str]) -> dict:
                 diffs = {s: round(100 * (accs[s] - full[s]["eval"]["accuracy"]), 1) for s in paired}
                 summary["points_vs_full_by_seed"] = diffs
                 summary["points_vs_full_mean"] = round(sum(diffs.values()) / len(diffs), 2)
+                # a seed without its full-SFT run is bounded by full SFT's best possible score, 100%
+                bound = [diffs.get(s, 100 * (accs[s] - 1.0)) for s in accs]
+                summary["points_vs_full_lower_bound_all_seeds"] = round(sum(bound) / len(bound), 2)
                 summary["backward_tokens_vs_full_mean"] = round(
                     sum(by_seed[s]["backward_tokens"] / full[s]["backward_tokens"] for s in paired) / len(paired), 4)
         out["arms"][arm] = {**summary, "runs": by_seed}
     q25 = out["arms"].get("qtuning_25x50", {})
     if "points_vs_full_mean" in q25:
-        out["target_25x50_within_1_point_on_mean"] = q25["points_vs_full_mean"] >= -1.0
+        out["target_25x50_within_1_point_on_mean"] = min(q25["points_vs_full_mean"],
+                                                         q25["points_vs_full_lower_bound_all_seeds"]) >= -1.0
     return out
 
 
