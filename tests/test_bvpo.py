@@ -257,11 +257,11 @@ def test_training_with_auto_alpha_logs_alpha_and_lowers_both_losses(tmp_path, ti
     main(["--pairs", str(pairs_path), "--output_dir", str(out), "--beta", "0.5", "--learning_rate", "1e-4",
           "--per_device_train_batch_size", "8", "--max_length", "128", "--logging_steps", "1", "--report_to", "none",
           "--save_strategy", "no", "--lr_scheduler_type", "constant", "--seed", "0", "--disable_tqdm", "true",
-          "--max_steps", "8", "--bvpo_alpha", "auto", "--bvpo_alpha_min_samples", "3", "--bvpo_sketch_dim", "4096"])
+          "--max_steps", "12", "--bvpo_alpha", "auto", "--bvpo_alpha_min_samples", "3", "--bvpo_sketch_dim", "4096"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 8 and metrics["rows"] == 32 and metrics["matched_same_problem"] == 32
+    assert metrics["steps"] == 12 and metrics["rows"] == 32 and metrics["matched_same_problem"] == 32
     alphas = metrics["alpha_history"]
-    assert len(alphas) == 8 and alphas[:2] == [0.5, 0.5] and all(0.0 <= a <= 1.0 for a in alphas)
+    assert len(alphas) == 12 and alphas[:2] == [0.5, 0.5] and all(0.0 <= a <= 1.0 for a in alphas)
     assert any(a != 0.5 for a in alphas[2:])  # estimated from step 3 on
     assert metrics["trace_loss_history"][0] == pytest.approx(math.log(2), abs=0.01)
     assert metrics["trace_loss_history"][-1] < math.log(2) - 0.02

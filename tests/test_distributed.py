@@ -166,10 +166,17 @@ def test_deepspeed_zero3_resume_and_vllm(tmp_path, tiny_policy_path):
     from treetune.rollouts.engines.vllm_engine import VLLMEngine
 
     problems = arith_problems("test", limit=16)
-    with VLLMEngine(str(tmp_path / "full"), kv_cache_gb=0.25) as engine:
-        template = PromptTemplate(style="bare")
-        greedy = SamplingSettings(temperature=0, max_tokens=96)
-        results = engine.generate([GenerationRequest(template.render_ids(p.question, engine.tokenizer), greedy)
-                                   for p in problems])
-    solved = sum(check_solution(p, r.completions[0].text) == -1 for p, r in zip(problems, results))
-    assert solved >= 4, [r.completions[0].text for r in results[:3]]
+
+    def solved_by(model: str) -> tuple[int, list[str]]:
+        with VLLMEngine(model, kv_cache_gb=0.25) as engine:
+            template = PromptTemplate(style="bare")
+            greedy = SamplingSettings(temperature=0, max_tokens=96)
+            results = engine.generate([GenerationRequest(template.render_ids(p.question, engine.tokenizer), greedy)
+                                       for p in problems])
+        texts = [r.completions[0].text for r in results]
+        return sum(check_solution(p, t) == -1 for p, t in zip(problems, texts)), texts
+
+    # measured against the starting policy: its build stops at a held-out accuracy, not a fixed model
+    solved, texts = solved_by(str(tmp_path / "full"))
+    at_start, _ = solved_by(str(tiny_policy_path))
+    assert solved >= max(1, at_start // 2), (solved, at_start, texts[:3])
