@@ -233,15 +233,16 @@ def error_kinds(rows: list[dict]) -> dict:
     """What the wrong solutions got wrong at their first wrong step: a result off by a multiple of 10
     (a missed or spurious carry), a result off otherwise, a right result of the wrong operands, or
     a step that is not an equation (the answer line, a missing step)."""
-    import re
+    # the checker's own step split and equation pattern, so `first_wrong_step` indexes the same steps
+    from treetune.data.arith import _EQUATION, split_steps
 
     kinds = {"carry": 0, "other_result": 0, "wrong_operands": 0, "not_an_equation": 0}
     for row in rows:
         if row["correct"]:
             continue
-        steps = [line for line in row["output"].split("\n") if line.strip()]
+        steps = split_steps(row["output"], "line")
         at = row.get("first_wrong_step", -1)
-        found = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(\d+)\s*", steps[at]) if 0 <= at < len(steps) else None
+        found = _EQUATION.match(steps[at]) if 0 <= at < len(steps) else None
         if not found:
             kinds["not_an_equation"] += 1
             continue
