@@ -230,26 +230,10 @@ def train(arm: str, data: Path, out: Path, a) -> dict:
 
 
 def error_kinds(rows: list[dict]) -> dict:
-    """What the wrong solutions got wrong at their first wrong step: a result off by a multiple of 10
-    (a missed or spurious carry), a result off otherwise, a right result of the wrong operands, or
-    a step that is not an equation (the answer line, a missing step)."""
-    # the checker's own step split and equation pattern, so `first_wrong_step` indexes the same steps
-    from treetune.data.arith import _EQUATION, split_steps
+    """How many wrong solutions went wrong in each way at their first wrong step (`first_error_kind`)."""
+    from treetune.data.arith import ERROR_KINDS
 
-    kinds = {"carry": 0, "other_result": 0, "wrong_operands": 0, "not_an_equation": 0}
-    for row in rows:
-        if row["correct"]:
-            continue
-        steps = split_steps(row["output"], "line")
-        at = row.get("first_wrong_step", -1)
-        found = _EQUATION.match(steps[at]) if 0 <= at < len(steps) else None
-        if not found:
-            kinds["not_an_equation"] += 1
-            continue
-        left, sign, right, result = int(found[1]), found[2], int(found[3]), int(found[4])
-        off = result - (left + right if sign == "+" else left - right)
-        kinds["wrong_operands" if off == 0 else "carry" if off % 10 == 0 else "other_result"] += 1
-    return kinds
+    return {kind: sum(row.get("error_kind") == kind for row in rows if not row["correct"]) for kind in ERROR_KINDS}
 
 
 def greedy(model: str, problems, template) -> dict:

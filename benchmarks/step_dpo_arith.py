@@ -55,13 +55,21 @@ def plain_dpo(records: list[dict], out: Path, a, policy: str, seed: int = 0) -> 
             "steps": trainer.state.global_step}
 
 
-def greedy(model: str, problems, template) -> float:
+def greedy(model: str, problems, template) -> dict:
+    """Greedy accuracy on the test problems, and what the wrong answers got wrong: the kind of their
+    first wrong step and its position (Step-DPO trains exactly the first-error positions)."""
+    from collections import Counter
+
+    from treetune.data.arith import ERROR_KINDS
     from treetune.rewards.evaluation import greedy_eval
     from treetune.rollouts.engines import VLLMEngine
 
     with VLLMEngine(model) as engine:
-        metrics, _ = greedy_eval(engine, engine.tokenizer, problems, template, max_tokens=128, progress=False)
-    return metrics["accuracy"]
+        metrics, rows = greedy_eval(engine, engine.tokenizer, problems, template, max_tokens=128, progress=False)
+    wrong = [row for row in rows if not row["correct"]]
+    return {"greedy_accuracy": metrics["accuracy"], "step_accuracy": round(metrics["step_accuracy"], 4),
+            "error_kinds": {kind: sum(row["error_kind"] == kind for row in wrong) for kind in ERROR_KINDS},
+            "first_wrong_step": dict(sorted(Counter(row["first_wrong_step"] for row in wrong).items()))}
 
 
 def main() -> None:
@@ -78,6 +86,11 @@ def main() -> None:
     parser.add_argument("--throughput_only", action="store_true",
                         help="redo only the throughput comparison, updating the figures already in --output")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds for the Step-DPO vs whole-solution DPO comparison")
+    parser.add_argument("--verify_chosen", action="store_true",
+                        help="drop chosen steps the checker finds wrong (the paper's optional filter of chosen steps "
+                             "whose continuation reached the answer by luck)")
+    parser.add_argument("--no_trl_reference", action="store_true",
+                        help="leave out the reference arm (TRL's stock DPOTrainer on the whole solutions)")
     a = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
@@ -94,7 +107,8 @@ def main() -> None:
     template = PromptTemplate(style="bare")
     result: dict = {"settings": vars(a)}
 
-    data_args = StepDPODataArgs(output_dir=str(work / "pairs"), limit=a.train_problems, max_tokens=128)
+    data_args = StepDPODataArgs(output_dir=str(work / "pairs"), limit=a.train_problems, max_tokens=128,
+                                verify_chosen=a.verify_chosen)
     started = time.perf_counter()
     with Grader() as grader, VLLMEngine(policy) as engine:
         result["pairs"] = build_pairs(data_args, engine, grader, engine.tokenizer,
@@ -108,7 +122,8 @@ def main() -> None:
         result = {**json.loads(Path(a.output).read_text()), **{k: v for k, v in result.items() if k != "settings"}}
     else:
         test = load_problems("arith", "test", limit=a.eval_problems)
-        result["greedy_accuracy_before"] = greedy(policy, test, template)
+        before = greedy(policy, test, template)
+        result["greedy_accuracy_before"], result["errors_before"] = before.pop("greedy_accuracy"), before
 
         # Step-DPO against whole-solution DPO from the same samples (problem -> prefix + the whole
         # correct continuation against prefix + the whole wrong solution from its error on), same
@@ -121,21 +136,24 @@ def main() -> None:
         whole_trl = [{"prompt": dpo_prompt(p, "bare").removesuffix(p.initial_reason_steps),
                       "chosen": p.initial_reason_steps + p.extra["full_chosen"],
                       "rejected": p.initial_reason_steps + p.extra["full_rejected"]} for p in pairs]
-        arms = {"step_dpo": [], "dpo_whole_solutions": [], "trl_dpo_whole_solutions": []}
+        arms = {"step_dpo": [], "dpo_whole_solutions": []} | ({} if a.no_trl_reference else {"trl_dpo_whole_solutions": []})
 
         def treetune_run(name: str, pair_file: str, seed: int) -> dict:
             started = time.perf_counter()
             out = step_dpo(["--pairs", pair_file] + train_args(work / f"{name}_seed{seed}", a, seed))
             metrics = json.loads((out / "metrics.json").read_text())
-            return {"seed": seed, "greedy_accuracy_after": greedy(str(out), test, template),
+            after = greedy(str(out), test, template)
+            return {"seed": seed, "greedy_accuracy_after": after.pop("greedy_accuracy"), "errors": after,
                     "seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"]}
 
         for seed in range(a.seeds):
             arms["step_dpo"].append(treetune_run("step_dpo", pairs_file, seed))
             arms["dpo_whole_solutions"].append(treetune_run("dpo_whole", str(whole_file), seed))
-            dpo = plain_dpo(whole_trl, work / f"trl_dpo_whole_seed{seed}", a, policy, seed)
-            arms["trl_dpo_whole_solutions"].append(
-                {"seed": seed, "greedy_accuracy_after": greedy(str(work / f"trl_dpo_whole_seed{seed}"), test, template), **dpo})
+            if "trl_dpo_whole_solutions" in arms:
+                dpo = plain_dpo(whole_trl, work / f"trl_dpo_whole_seed{seed}", a, policy, seed)
+                after = greedy(str(work / f"trl_dpo_whole_seed{seed}"), test, template)
+                arms["trl_dpo_whole_solutions"].append(
+                    {"seed": seed, "greedy_accuracy_after": after.pop("greedy_accuracy"), "errors": after, **dpo})
             print(json.dumps({name: runs[-1] for name, runs in arms.items()}, indent=2), flush=True)
         for name, runs in arms.items():
             accs = [r["greedy_accuracy_after"] for r in runs]
@@ -159,7 +177,7 @@ def main() -> None:
         result["throughput"]["speedup"] = (result["throughput"]["step_dpo_trainer"]["pair_tokens_per_second"]
                                            / result["throughput"]["trl_dpo_trainer"]["pair_tokens_per_second"])
     result["gain_points"] = round(100 * (result["step_dpo"]["greedy_accuracy_after_mean"] - result["greedy_accuracy_before"]), 1)
-    for name in ("dpo_whole_solutions", "trl_dpo_whole_solutions"):
+    for name in [n for n in ("dpo_whole_solutions", "trl_dpo_whole_solutions") if n in result]:
         result[f"step_minus_{name.removeprefix('dpo_')}_points"] = round(
             100 * (result["step_dpo"]["greedy_accuracy_after_mean"] - result[name]["greedy_accuracy_after_mean"]), 1)
     Path(a.output).write_text(json.dumps(result, indent=2))

@@ -172,6 +172,22 @@ def check_solution(problem: Problem, solution: str) -> int:
     return -1
 
 
+ERROR_KINDS = ("carry", "other_result", "wrong_operands", "not_an_equation")
+
+
+def first_error_kind(solution: str, first_wrong: int) -> str:
+    """What went wrong at a solution's first wrong step (`check_solution`'s index): a result off by a
+    multiple of 10 (a missed or spurious carry), a result off otherwise, the right result of the
+    wrong operands, or a step that is not an equation (the answer line, a missing or extra step)."""
+    steps = split_steps(solution, "line")
+    found = _EQUATION.match(steps[first_wrong]) if 0 <= first_wrong < len(steps) else None
+    if not found:
+        return "not_an_equation"
+    left, sign, right, result = int(found.group(1)), found.group(2), int(found.group(3)), int(found.group(4))
+    off = result - (left + right if sign == "+" else left - right)
+    return "wrong_operands" if off == 0 else "carry" if off % 10 == 0 else "other_result"
+
+
 def tiny_policy(cache_dir: str | None = None) -> str:
     """Local path of the tiny arith policy (a Qwen2 model vLLM loads), built on first call and cached.
 

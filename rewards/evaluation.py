@@ -23,7 +23,7 @@ def greedy_eval(
     progress: bool = True,
 ) -> tuple[dict, list[dict]]:
     """(metrics, per-problem rows) for greedy decoding of every problem."""
-    from treetune.data.arith import check_solution
+    from treetune.data.arith import check_solution, first_error_kind
     from treetune.data.steps import split_steps
 
     requests = [
@@ -47,6 +47,8 @@ def greedy_eval(
             first_wrong = check_solution(problem, output)
             needed = problem.extra["num_steps"] + 1
             row["first_wrong_step"] = first_wrong
+            if not ok:
+                row["error_kind"] = first_error_kind(output, first_wrong)
             steps_right += needed if first_wrong == -1 else min(first_wrong, needed)
             steps_total += needed
             process_ok += first_wrong == -1

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from treetune.data import Problem, load_problems
-from treetune.data.arith import arith_problems, check_solution, problem_ops
+from treetune.data.arith import arith_problems, check_solution, first_error_kind, problem_ops
 from treetune.data.steps import split_steps
 from treetune.rewards.grading import grade
 
@@ -112,3 +112,21 @@ def test_checker_edge_cases():
         swapped = f"{ops[0][1]}+{start}={start + ops[0][1]}"
         assert check_solution(problem, "\n".join([swapped] + lines[1:])) == -1
     assert grade(problem.solution, problem.answer)
+
+
+def test_first_error_kind_names_what_went_wrong():
+    problem = arith_problems("test", 1)[0]
+    lines = split_steps(problem.solution, "line")
+    start, ops = problem_ops(problem)
+    op, n = ops[0]
+    right = start + n if op == "+" else start - n
+
+    def with_first(step: str) -> str:
+        return "\n".join([step] + lines[1:])
+
+    assert first_error_kind(with_first(f"{start}{op}{n}={right + 10}"), 0) == "carry"
+    assert first_error_kind(with_first(f"{start}{op}{n}={right + 3}"), 0) == "other_result"
+    assert first_error_kind(with_first(f"{start + 1}{op}{n}={right + 1}"), 0) == "wrong_operands"
+    assert first_error_kind("\n".join(lines[:2]), 2) == "not_an_equation"  # stopped early: the step is missing
+    solution = with_first(f"{start}{op}{n}={right + 10}")
+    assert first_error_kind(solution, check_solution(problem, solution)) == "carry"
