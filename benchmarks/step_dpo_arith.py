@@ -8,6 +8,15 @@ differ, as in the paper (its DPO baseline is the same training code fed the `ful
 `full_rejected` fields). TRL's stock DPOTrainer on the whole solutions (its own tokenisation,
 EOS appended, unsorted batches) is reported beside it as a reference, not as the ablation.
 
+What arith can and cannot show: a correct arith step is unique, so any correct whole solution
+repeats the rejected solution's correct prefix word for word (91% of the whole chosen solutions
+are the gold text itself). DPO's log-ratios of a shared prefix cancel exactly, so on arith
+whole-solution DPO is DPO on the two continuations from the first error on: Step-DPO's signal plus
+the rest of both solutions. The paper's case against whole solutions (the correct early steps of a
+rejected answer get pushed down) needs solutions that differ before the error, which arith never
+has; what the ablation measures here is only whether dropping the continuations costs accuracy.
+Each arm's wrong answers are sorted by the kind and position of their first wrong step.
+
     python benchmarks/step_dpo_arith.py --output step_dpo_arith.json [--workdir DIR]
 """
 
