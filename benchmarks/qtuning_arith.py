@@ -229,20 +229,14 @@ def train(arm: str, data: Path, out: Path, a) -> dict:
             "topped_up": totals["topped_up"]}
 
 
-def error_kinds(rows: list[dict]) -> dict:
-    """How many wrong solutions went wrong in each way at their first wrong step (`first_error_kind`)."""
-    from treetune.data.arith import ERROR_KINDS
-
-    return {kind: sum(row.get("error_kind") == kind for row in rows if not row["correct"]) for kind in ERROR_KINDS}
-
-
 def greedy(model: str, problems, template) -> dict:
+    from treetune.data.arith import error_kind_counts
     from treetune.rewards.evaluation import greedy_eval
     from treetune.rollouts.engines import VLLMEngine
 
     with VLLMEngine(model) as engine:
         metrics, rows = greedy_eval(engine, engine.tokenizer, problems, template, max_tokens=128, progress=False)
-    return {**{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, "errors": error_kinds(rows)}
+    return {**{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, "errors": error_kind_counts(rows)}
 
 
 def greedy_again(model: Path, eval_problems: int) -> dict:

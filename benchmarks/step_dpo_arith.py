@@ -64,21 +64,20 @@ def plain_dpo(records: list[dict], out: Path, a, policy: str, seed: int = 0) -> 
             "steps": trainer.state.global_step}
 
 
-def greedy(model: str, problems, template) -> dict:
+def greedy(model: str, problems, template) -> tuple[float, dict]:
     """Greedy accuracy on the test problems, and what the wrong answers got wrong: the kind of their
     first wrong step and its position (Step-DPO trains exactly the first-error positions)."""
     from collections import Counter
 
-    from treetune.data.arith import ERROR_KINDS
+    from treetune.data.arith import error_kind_counts
     from treetune.rewards.evaluation import greedy_eval
     from treetune.rollouts.engines import VLLMEngine
 
     with VLLMEngine(model) as engine:
         metrics, rows = greedy_eval(engine, engine.tokenizer, problems, template, max_tokens=128, progress=False)
-    wrong = [row for row in rows if not row["correct"]]
-    return {"greedy_accuracy": metrics["accuracy"], "step_accuracy": round(metrics["step_accuracy"], 4),
-            "error_kinds": {kind: sum(row["error_kind"] == kind for row in wrong) for kind in ERROR_KINDS},
-            "first_wrong_step": dict(sorted(Counter(row["first_wrong_step"] for row in wrong).items()))}
+    positions = Counter(row["first_wrong_step"] for row in rows if not row["correct"])
+    return metrics["accuracy"], {"step_accuracy": round(metrics["step_accuracy"], 4), "error_kinds": error_kind_counts(rows),
+                                 "first_wrong_step": dict(sorted(positions.items()))}
 
 
 def main() -> None:
@@ -131,8 +130,7 @@ def main() -> None:
         result = {**json.loads(Path(a.output).read_text()), **{k: v for k, v in result.items() if k != "settings"}}
     else:
         test = load_problems("arith", "test", limit=a.eval_problems)
-        before = greedy(policy, test, template)
-        result["greedy_accuracy_before"], result["errors_before"] = before.pop("greedy_accuracy"), before
+        result["greedy_accuracy_before"], result["errors_before"] = greedy(policy, test, template)
 
         # Step-DPO against whole-solution DPO from the same samples (problem -> prefix + the whole
         # correct continuation against prefix + the whole wrong solution from its error on), same
@@ -151,8 +149,8 @@ def main() -> None:
             started = time.perf_counter()
             out = step_dpo(["--pairs", pair_file] + train_args(work / f"{name}_seed{seed}", a, seed))
             metrics = json.loads((out / "metrics.json").read_text())
-            after = greedy(str(out), test, template)
-            return {"seed": seed, "greedy_accuracy_after": after.pop("greedy_accuracy"), "errors": after,
+            accuracy, errors = greedy(str(out), test, template)
+            return {"seed": seed, "greedy_accuracy_after": accuracy, "errors": errors,
                     "seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"]}
 
         for seed in range(a.seeds):
@@ -160,9 +158,9 @@ def main() -> None:
             arms["dpo_whole_solutions"].append(treetune_run("dpo_whole", str(whole_file), seed))
             if "trl_dpo_whole_solutions" in arms:
                 dpo = plain_dpo(whole_trl, work / f"trl_dpo_whole_seed{seed}", a, policy, seed)
-                after = greedy(str(work / f"trl_dpo_whole_seed{seed}"), test, template)
+                accuracy, errors = greedy(str(work / f"trl_dpo_whole_seed{seed}"), test, template)
                 arms["trl_dpo_whole_solutions"].append(
-                    {"seed": seed, "greedy_accuracy_after": after.pop("greedy_accuracy"), "errors": after, **dpo})
+                    {"seed": seed, "greedy_accuracy_after": accuracy, "errors": errors, **dpo})
             print(json.dumps({name: runs[-1] for name, runs in arms.items()}, indent=2), flush=True)
         for name, runs in arms.items():
             accs = [r["greedy_accuracy_after"] for r in runs]

@@ -188,6 +188,11 @@ def first_error_kind(solution: str, first_wrong: int) -> str:
     return "wrong_operands" if off == 0 else "carry" if off % 10 == 0 else "other_result"
 
 
+def error_kind_counts(rows: list[dict]) -> dict[str, int]:
+    """How many wrong rows of `greedy_eval` went wrong in each way at their first wrong step."""
+    return {kind: sum(row.get("error_kind") == kind for row in rows if not row["correct"]) for kind in ERROR_KINDS}
+
+
 def tiny_policy(cache_dir: str | None = None) -> str:
     """Local path of the tiny arith policy (a Qwen2 model vLLM loads), built on first call and cached.
 
