@@ -23,9 +23,9 @@ def main() -> None:
 
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
-    from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees, rollout_args, sample
+    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, rollout_args, sample
     from treetune.rewards.grading import Grader
-    from treetune.rollouts.job import make_engine
+    from treetune.rollouts.run import make_engine
     from treetune.rollouts.tree_io import read_trees
 
     with tempfile.TemporaryDirectory() as scratch:

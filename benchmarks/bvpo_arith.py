@@ -31,7 +31,7 @@ def train_args(out: Path, pairs: str, a, alpha: str) -> list[str]:
 def greedy_both_modes(model: str, problems) -> dict:
     """Greedy accuracy with steps (the trace prompt) and answer-only (the empty-think prompt)."""
     from treetune.data.bvpo_pairs import ModeTemplate
-    from treetune.rewards.evaluation import greedy_eval
+    from treetune.rewards.evaluation.greedy import greedy_eval
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
 
@@ -48,10 +48,9 @@ def greedy_both_modes(model: str, problems) -> dict:
 def gradient_variance(policy: str, pairs_file: str, a) -> dict:
     """Variance of the trace-only and mixed gradient estimates over the same training batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from treetune.trainers.bvpo import BVPOConfig, BVPOTrainer, build_bvpo_dataset
-    from treetune.trainers.bvpo_alpha import estimate_alpha, gradient_statistics
     from treetune.data.bvpo_pairs import load_bvpo_pairs
+    from treetune.trainers.bvpo.alpha import estimate_alpha, gradient_statistics
+    from treetune.trainers.bvpo.trainer import BVPOConfig, BVPOTrainer, build_bvpo_dataset
 
     pairs, _ = load_bvpo_pairs(pairs_file)
     trace, empty = [p for p in pairs if p.mode == "trace"], [p for p in pairs if p.mode == "empty"]
@@ -107,11 +106,11 @@ def main() -> None:
     a = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
+    from treetune.data.arith import dual_mode_policy
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
-    from treetune.trainers.bvpo import main as bvpo
-    from treetune.trainers.bvpo_data import BVPODataArgs, build_bvpo_pairs, make_scorer
-    from treetune.trainers.dual_mode_policy import dual_mode_policy
+    from treetune.trainers.bvpo.pairs import BVPODataArgs, build_bvpo_pairs, make_scorer
+    from treetune.trainers.bvpo.trainer import main as bvpo
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bvpo_arith_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,11 @@ ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 def arith_part(args) -> dict:
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
-    from treetune.rewards.prm_eval_run import arith_cases
-    from treetune.rewards.step_tool import StepTool
+    from treetune.launch.eval_prm import arith_cases
+    from treetune.rewards.scorers.tool import StepTool
     from treetune.rollouts.engines import VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings
-    from treetune.rollouts.job import new_tree
+    from treetune.rollouts.run import new_tree
 
     problems = load_problems("arith", "test", limit=args.arith_problems)
     with VLLMEngine(tiny_policy(), seed=args.seed) as engine:
@@ -96,7 +96,7 @@ def perturb(solution: str, index: int, how: str) -> str:
 def gsm8k_part(args) -> dict:
     from treetune.data import load_problems
     from treetune.data.steps import split_steps
-    from treetune.rewards.step_tool import StepTool
+    from treetune.rewards.scorers.tool import StepTool
 
     problems = load_problems("gsm8k", "test", path=args.gsm8k_path, limit=args.gsm8k_limit)
     questions = [p.question for p in problems]

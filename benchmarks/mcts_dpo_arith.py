@@ -30,7 +30,7 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def run_variant(name: str, out: Path, a) -> dict:
-    from treetune.trainers.mcts_dpo_loop import main as mcts_dpo
+    from treetune.trainers.mcts_dpo.loop import main as mcts_dpo
 
     argv = ["--config", str(ROOT / "configs/arith/mcts_dpo.yaml"), "--output_dir", str(out), "--rounds", str(a.rounds),
             "--eval_limit", str(a.eval_problems), "--disable_tqdm", "true", *VARIANTS[name]]

@@ -1,7 +1,7 @@
 """A PRM on the proving ground, end to end: MC labels from the tiny policy's own samples, their
 agreement with the exact checker, a PRM trained on them, its ProcessBench-style F1 against the
 checker on held-out problems, best-of-16 with it against majority@16, and scoring throughput.
-The PRM is fused with the backbone's likelihood of each step (`treetune.rewards.prm_fusion`); the
+The PRM is fused with the backbone's likelihood of each step (`treetune.rewards.scorers.fusion`); the
 separator head alone is reported beside it.
 
     python benchmarks/prm_arith.py --output prm_arith.json [--workdir DIR]
@@ -35,22 +35,22 @@ def main() -> None:
     args = parser.parse_args()
 
     from transformers import TrainingArguments
-
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import check_solution, tiny_policy
-    from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees, sample
+    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, sample
+    from treetune.launch.eval_prm import arith_cases
+    from treetune.rewards.evaluation.processbench import evaluate_splits
     from treetune.rewards.grading import Grader
-    from treetune.rewards.mc_labels import consensus, mc_estimate, to_stepwise
+    from treetune.rewards.labels.formats import write_stepwise
+    from treetune.rewards.labels.mc import consensus, mc_estimate, to_stepwise
     from treetune.rewards.outcome import score_outcomes
-    from treetune.rewards.prm import DiscriminativePRM
-    from treetune.rewards.prm_fusion import FUSION_FILE
-    from treetune.rewards.prm_eval_run import arith_cases
-    from treetune.rewards.prm_formats import write_stepwise
-    from treetune.rewards.processbench import evaluate_splits
+    from treetune.rewards.scorers.discriminative import DiscriminativePRM
+    from treetune.rewards.scorers.fusion import FUSION_FILE
     from treetune.rollouts.engines import VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings
-    from treetune.rollouts.job import new_tree
-    from treetune.trainers.prm_train import PRMScriptArguments, run as train_prm, split_holdout
+    from treetune.rollouts.run import new_tree
+    from treetune.trainers.prm.train import PRMScriptArguments, split_holdout
+    from treetune.trainers.prm.train import run as train_prm
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prm_arith_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def main() -> None:
         shutil.copytree(prm_dir, head_dir, ignore=shutil.ignore_patterns(FUSION_FILE))
 
         # Held-out F1 against the checker on fresh samples of test problems.
-        from treetune.rewards.prm_eval_run import sample_arith_trees
+        from treetune.launch.eval_prm import sample_arith_trees
 
         eval_trees = sample_arith_trees(args.eval_problems, seed=1)
         questions, steps, labels = arith_cases(eval_trees)

@@ -137,9 +137,8 @@ def selection_diagnostic(policy: str, records: list[dict], a) -> dict:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from treetune.trainers.qtuning.trainer import prune_batch, score_batch
     from trl.trainer.utils import add_fused_lm_head
-
-    from treetune.trainers.qtuning import prune_batch, score_batch
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy).eval()
@@ -231,7 +230,7 @@ def train(arm: str, data: Path, out: Path, a) -> dict:
 
 def greedy(model: str, problems, template) -> dict:
     from treetune.data.arith import error_kind_counts
-    from treetune.rewards.evaluation import greedy_eval
+    from treetune.rewards.evaluation.greedy import greedy_eval
     from treetune.rollouts.engines import VLLMEngine
 
     with VLLMEngine(model) as engine:

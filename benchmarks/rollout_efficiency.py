@@ -58,7 +58,7 @@ def quality(trees) -> dict:
 
 def run(name, sampler, engine, make_trees, grader) -> dict:
     from treetune.rewards.outcome import score_outcomes
-    from treetune.rollouts.job import summarise
+    from treetune.rollouts.run import summarise
 
     engine.reset_prefix_cache()
     before = engine.prefix_cache_stats()
@@ -126,7 +126,7 @@ def main() -> None:
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import GenerationRequest, VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings
-    from treetune.rollouts.job import new_tree
+    from treetune.rollouts.run import new_tree
     from treetune.rollouts.treepo import TreePOSampler, TreePOSettings
 
     problems = load_problems("arith", "test", limit=args.problems)

@@ -26,8 +26,9 @@ def register_ablations() -> None:
     """`pc_mean`: `rpc_mean` without pruning (what pruning adds). `rpc_code`: the authors' code
     exactly: pruning, then length-normalised p summed over distinct completion texts
     (rewards/rpc.py explains why treetune's `rpc` sums joint probabilities instead)."""
-    from treetune.rewards.rpc import consistency_weights, prune_mask
-    from treetune.rewards.selectors import SELECTORS as REGISTRY, class_vote_weights, consistency_selector, register
+    from treetune.rewards.selection.rpc import consistency_weights, prune_mask
+    from treetune.rewards.selection.selectors import SELECTORS as REGISTRY
+    from treetune.rewards.selection.selectors import class_vote_weights, consistency_selector, register
 
     if "rpc_code" in REGISTRY:
         return
@@ -55,7 +56,7 @@ def smallest_matching_n(metrics: dict, name: str, target: float, tolerance: floa
 
 def pruning_stats(per_problem: dict) -> dict:
     """At N_max: how many paths RPC prunes, and how often pruned and kept paths are right."""
-    from treetune.rewards.rpc import fit_weibull_mixture, prune_mask
+    from treetune.rewards.selection.rpc import fit_weibull_mixture, prune_mask
 
     pruned_right = pruned = kept_right = kept = 0
     started = time.perf_counter()
@@ -123,11 +124,11 @@ def main() -> None:
 
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
-    from treetune.rewards.best_of_n import assign_answer_classes, candidates, evaluate, sweep
-    from treetune.rewards.best_of_n_run import BestOfNArgs, rollout_args, sample
+    from treetune.launch.best_of_n import BestOfNArgs, rollout_args, sample
+    from treetune.rewards.evaluation.best_of_n import assign_answer_classes, candidates, evaluate, sweep
     from treetune.rewards.grading import Grader
     from treetune.rewards.outcome import score_outcomes
-    from treetune.rollouts.job import make_engine
+    from treetune.rollouts.run import make_engine
     from treetune.rollouts.tree_io import read_trees
 
     register_ablations()

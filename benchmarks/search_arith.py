@@ -50,17 +50,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from tqdm.auto import tqdm
-
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
     from treetune.rewards.grading import Grader
     from treetune.rewards.outcome import score_outcomes
-    from treetune.rewards.prm import DiscriminativePRM
-    from treetune.rewards.step_scorer import AGGREGATIONS, ArithCheckerScorer, aggregate, score_tree_leaves
+    from treetune.rewards.scorers.arith_checker import AGGREGATIONS, ArithCheckerScorer, aggregate, score_tree_leaves
+    from treetune.rewards.scorers.discriminative import DiscriminativePRM
     from treetune.rollouts.engines import GenerationRequest, SamplingSettings, VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings
-    from treetune.rollouts.job import new_tree
     from treetune.rollouts.mcts import MCTSSampler, MCTSSettings
+    from treetune.rollouts.run import new_tree
     from treetune.rollouts.step_search import BeamSearchSampler, BeamSettings, DVTSSampler, DVTSSettings
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="search_arith_"))

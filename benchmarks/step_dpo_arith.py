@@ -43,9 +43,8 @@ def plain_dpo(records: list[dict], out: Path, a, policy: str, seed: int = 0) -> 
     """TRL's DPOTrainer as it comes (EOS appended, its own tokenisation), for the comparisons."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from treetune.trainers.step_dpo.trainer import PaddingMeter
     from trl import DPOConfig, DPOTrainer
-
-    from treetune.trainers.step_dpo import PaddingMeter
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     config = DPOConfig(output_dir=str(out), beta=a.beta, learning_rate=a.learning_rate, num_train_epochs=a.epochs,
@@ -70,7 +69,7 @@ def greedy(model: str, problems, template) -> tuple[float, dict]:
     from collections import Counter
 
     from treetune.data.arith import error_kind_counts
-    from treetune.rewards.evaluation import greedy_eval
+    from treetune.rewards.evaluation.greedy import greedy_eval
     from treetune.rollouts.engines import VLLMEngine
 
     with VLLMEngine(model) as engine:
@@ -106,8 +105,8 @@ def main() -> None:
     from treetune.data.step_pairs import StepPair, dpo_prompt, load_step_pairs, write_step_pairs
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
-    from treetune.trainers.step_dpo import main as step_dpo
-    from treetune.trainers.step_dpo_data import StepDPODataArgs, build_pairs
+    from treetune.trainers.step_dpo.pairs import StepDPODataArgs, build_pairs
+    from treetune.trainers.step_dpo.trainer import main as step_dpo
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="step_dpo_arith_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -28,13 +28,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees, sample
-    from treetune.rewards.grading import Grader
-    from treetune.rewards.prm_eval_run import arith_cases, sample_arith_trees
-    from treetune.rewards.processbench import evaluate_splits
-    from treetune.rewards.think_prm import ThinkPRM
-    from treetune.rollouts.engines import VLLMEngine
     from treetune.data.arith import tiny_policy
+    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, sample
+    from treetune.launch.eval_prm import arith_cases, sample_arith_trees
+    from treetune.rewards.evaluation.processbench import evaluate_splits
+    from treetune.rewards.grading import Grader
+    from treetune.rewards.scorers.think_prm import ThinkPRM
+    from treetune.rollouts.engines import VLLMEngine
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="think_prm_arith_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.rewards.evaluation import greedy_eval
+    from treetune.data.arith import cache_root, policy_key, tiny_policy
+    from treetune.rewards.evaluation.greedy import greedy_eval
     from treetune.rollouts.engines import VLLMEngine
-    from treetune.trainers.tiny_policy import cache_root, policy_key, tiny_policy
 
     result: dict = {}
     if args.fresh:

@@ -1,11 +1,11 @@
 """treetune.data: problems, their sources, prompt templates, step splitting and the arith task."""
 
-from .answers import extract_answer, gsm8k_answer, last_boxed
-from .problem import Problem
-from .prompts import DEFAULT_INSTRUCTION, PromptTemplate
-from .records import DataError, SkipReport
-from .sources import load_problems
-from .steps import split_steps
+from treetune.data.answers import extract_answer, gsm8k_answer, last_boxed
+from treetune.data.problem import Problem
+from treetune.data.prompts import DEFAULT_INSTRUCTION, PromptTemplate
+from treetune.data.records import DataError, SkipReport
+from treetune.data.sources import load_problems
+from treetune.data.steps import split_steps
 
 __all__ = [
     "DEFAULT_INSTRUCTION", "DataError", "Problem", "PromptTemplate", "SkipReport", "extract_answer",

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .prompts import PromptTemplate
-from .records import DataError, SkipReport, convert_source, require
+from treetune.data.prompts import PromptTemplate
+from treetune.data.records import DataError, SkipReport, convert_source, require
 
 MODES = ("trace", "empty")
 EMPTY_THINK = "<think>\n\n</think>\n\n"

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .answers import gsm8k_answer, last_boxed
-from .problem import Problem
-from .records import DataError, SkipReport, convert_rows, read_records, require
+from treetune.data.answers import gsm8k_answer, last_boxed
+from treetune.data.arith import arith_problems
+from treetune.data.problem import Problem
+from treetune.data.records import DataError, SkipReport, convert_rows, read_records, require
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,6 @@ def load_problems(
     if source not in SOURCES:
         raise ValueError(f"unknown problem source {source!r}; expected one of {', '.join(SOURCES)}")
     if source == "arith":
-        from .arith import arith_problems
 
         return arith_problems(split, limit=limit, seed=seed)
 

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .prompts import DEFAULT_INSTRUCTION, STYLES, PromptTemplate
-from .records import DataError, SkipReport, convert_source, require
+from treetune.data.prompts import DEFAULT_INSTRUCTION, STYLES, PromptTemplate
+from treetune.data.records import DataError, SkipReport, convert_source, require
 
 # The Step-DPO release's prompt layouts; `{problem}` is the raw problem. How the prefix follows
 # (directly, after a newline, after a space) is part of each layout.

@@ -4,11 +4,11 @@
         --config configs/bvpo.yaml --pairs outputs/bvpo_data/r1-1.5b/pairs.jsonl
 
 With no model it trains the arith dual-mode tiny policy (`configs/arith/bvpo.yaml`). `--bvpo_alpha`
-takes a number or `auto`. All logic lives in `treetune.trainers.bvpo`; every TRL DPOConfig /
+takes a number or `auto`. All logic lives in `treetune.trainers.bvpo.trainer`; every TRL DPOConfig /
 ModelConfig field is a flag (`--help`).
 """
 
-from treetune.trainers.bvpo import main
+from treetune.trainers.bvpo.trainer import main
 
 if __name__ == "__main__":
     main()

@@ -5,23 +5,24 @@ with vLLM, scores them (`--scorer gold | reward_model | arith_checker | prm`) an
 worst. Writes to --output_dir: `pairs.jsonl` (prompt, chosen, rejected, mode, scores), `status.jsonl`
 (per prompt and mode: a pair, or why none) and `summary.json`. Run it again on the same folder to
 resume. With no model it samples the arith dual-mode tiny policy. All logic lives in
-`treetune.trainers.bvpo_data`.
+`treetune.trainers.bvpo.pairs`.
 """
 
 from __future__ import annotations
 
 import json
 
+from treetune.data import PromptTemplate, load_problems
+from treetune.data.arith import dual_mode_policy
+from treetune.rewards.grading import Grader
+from treetune.rollouts.engines import VLLMEngine
+from treetune.rollouts.run import default_prompt_style
+from treetune.trainers.bvpo.pairs import BVPODataArgs, build_bvpo_pairs, make_scorer
+
 
 def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
-    from treetune.data import PromptTemplate, load_problems
-    from treetune.rewards.grading import Grader
-    from treetune.rollouts.engines import VLLMEngine
-    from treetune.rollouts.job import default_prompt_style
-    from treetune.trainers.bvpo_data import BVPODataArgs, build_bvpo_pairs, make_scorer
-    from treetune.trainers.dual_mode_policy import dual_mode_policy
 
     (args,) = TrlParser((BVPODataArgs,)).parse_args_and_config(argv)
     problems = load_problems(args.source, args.split, path=args.data_path, limit=args.limit, seed=0)

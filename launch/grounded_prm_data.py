@@ -23,7 +23,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from treetune.rollouts.job import RolloutArgs
+from treetune.data import Problem, PromptTemplate, load_problems
+from treetune.data.arith import check_solution, tiny_policy
+from treetune.rewards.grading import Grader
+from treetune.rewards.labels import grounded as gp
+from treetune.rewards.outcome import score_outcomes
+from treetune.rewards.scorers.tool import StepTool, ToolStepScorer
+from treetune.rollouts.run import RolloutArgs, default_prompt_style, make_engine, run_rollout
+from treetune.rollouts.tree_io import read_trees
 
 
 @dataclass
@@ -44,8 +51,6 @@ class GroundedDataArgs(RolloutArgs):
 
 def checker_agreement(paths, trees_by_id) -> dict:
     """On arith: how the kept labels compare with the exact checker's, over the steps up to its first error."""
-    from treetune.data import Problem
-    from treetune.data.arith import check_solution
 
     counts: Counter = Counter()
     for path in paths:
@@ -67,14 +72,6 @@ def checker_agreement(paths, trees_by_id) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
-    from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
-    from treetune.rewards import grounded_prm as gp
-    from treetune.rewards.grading import Grader
-    from treetune.rewards.outcome import score_outcomes
-    from treetune.rewards.step_tool import StepTool, ToolStepScorer
-    from treetune.rollouts.job import default_prompt_style, make_engine, run_rollout
-    from treetune.rollouts.tree_io import read_trees
 
     (args,) = TrlParser((GroundedDataArgs,)).parse_args_and_config(argv)
     out = Path(args.output_dir)

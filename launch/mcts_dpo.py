@@ -6,10 +6,10 @@ conservative DPO with per-pair label smoothing from the visit counts.
         --accelerate_config configs/accelerate/zero3.yaml
 
 A stopped run, restarted with the same --output_dir, resumes in the round it stopped in. All logic
-lives in `treetune.trainers.mcts_dpo_loop`; every loop, DPOConfig and ModelConfig field is a flag.
+lives in `treetune.trainers.mcts_dpo.loop`; every loop, DPOConfig and ModelConfig field is a flag.
 """
 
-from treetune.trainers.mcts_dpo_loop import main
+from treetune.trainers.mcts_dpo.loop import main
 
 if __name__ == "__main__":
     main()

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 
+from treetune.data import PromptTemplate, load_problems
+from treetune.data.arith import tiny_policy
+from treetune.rewards.grading import Grader
+from treetune.rewards.outcome import score_outcomes
+from treetune.rewards.scorers.loading import make_search_scorer
+from treetune.rollouts.run import RolloutArgs, default_prompt_style, make_engine, run_rollout
+
 
 def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
-    from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
-    from treetune.rewards.grading import Grader
-    from treetune.rewards.outcome import score_outcomes
-    from treetune.rewards.search_scorer import make_search_scorer
-    from treetune.rollouts.job import RolloutArgs, default_prompt_style, make_engine, run_rollout
 
     (args,) = TrlParser((RolloutArgs,)).parse_args_and_config(argv)
     model = args.model_name_or_path or tiny_policy()

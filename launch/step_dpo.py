@@ -4,10 +4,10 @@
         --config configs/step_dpo.yaml --model_name_or_path Qwen/Qwen2-7B-Instruct --pairs xinlai/Math-Step-DPO-10K
 
 With no model it trains the arith tiny policy (`configs/arith/step_dpo.yaml`). All logic lives in
-`treetune.trainers.step_dpo`; every TRL DPOConfig / ModelConfig field is a flag (`--help`).
+`treetune.trainers.step_dpo.trainer`; every TRL DPOConfig / ModelConfig field is a flag (`--help`).
 """
 
-from treetune.trainers.step_dpo import main
+from treetune.trainers.step_dpo.trainer import main
 
 if __name__ == "__main__":
     main()

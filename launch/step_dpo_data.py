@@ -4,23 +4,24 @@ Writes to --output_dir: `samples/trees/` (the sampled solutions), `pairs.jsonl` 
 Step-DPO record plus provenance), `status.jsonl` (per problem: pairs made, or why none) and
 `summary.json`. Run it again on the same folder to resume. With `--trees_path DIR` the pairs come
 from the branching nodes of trees already grown (TreePO, MCTS) instead. All logic lives in
-`treetune.trainers.step_dpo_data`.
+`treetune.trainers.step_dpo.pairs`.
 """
 
 from __future__ import annotations
 
 import json
 
+from treetune.data import PromptTemplate, load_problems
+from treetune.data.arith import tiny_policy
+from treetune.rewards.grading import Grader
+from treetune.rollouts.engines import VLLMEngine
+from treetune.rollouts.run import default_prompt_style
+from treetune.trainers.step_dpo.pairs import StepDPODataArgs, build_pairs, pairs_from_trees
+
 
 def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
-    from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
-    from treetune.rewards.grading import Grader
-    from treetune.rollouts.engines import VLLMEngine
-    from treetune.rollouts.job import default_prompt_style
-    from treetune.trainers.step_dpo_data import StepDPODataArgs, build_pairs, pairs_from_trees
 
     (args,) = TrlParser((StepDPODataArgs,)).parse_args_and_config(argv)
     if args.trees_path:  # pairs at the branching nodes of trees already grown

@@ -16,6 +16,23 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from treetune.data import PromptTemplate, load_problems
+from treetune.data.arith import tiny_policy
+from treetune.data.steps import split_steps
+from treetune.rewards.labels.think_prm import (
+    VerificationExample,
+    arith_example,
+    arith_template_chain,
+    filter_chains,
+    to_records,
+    widen_context,
+    write_records,
+)
+from treetune.rewards.scorers.think_prm import ThinkPRM
+from treetune.rollouts.engines import VLLMEngine
+from treetune.rollouts.flat import FlatSampler, FlatSettings
+from treetune.rollouts.run import new_tree
+
 
 @dataclass
 class ThinkPRMDataArgs:
@@ -41,13 +58,6 @@ class ThinkPRMDataArgs:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from treetune.data import PromptTemplate, load_problems
-    from treetune.data.steps import split_steps
-    from treetune.rewards.think_prm_data import (VerificationExample, arith_example, arith_template_chain,
-                                                 filter_chains, to_records, widen_context, write_records)
-    from treetune.rollouts.engines import VLLMEngine
-    from treetune.rollouts.flat import FlatSampler, FlatSettings
-    from treetune.rollouts.job import new_tree
     from trl import TrlParser
 
     (args,) = TrlParser((ThinkPRMDataArgs,)).parse_args_and_config(argv)
@@ -58,7 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     policy = args.model_name_or_path
     if not policy:
-        from treetune.data.arith import tiny_policy
 
         policy = tiny_policy()
     problems = load_problems(args.source, args.split, limit=args.offset + args.limit)[args.offset:]
@@ -86,7 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.chain_source == "verifier":
         if not args.verifier_path:
             raise ValueError("chain_source 'verifier' needs --verifier_path")
-        from treetune.rewards.think_prm import ThinkPRM
 
         verifier = ThinkPRM(args.verifier_path, chains=args.verifier_chains, temperature=args.verifier_temperature,
                             max_chain_tokens=args.max_chain_tokens, seed=args.seed, prompt_style=args.prompt_style)

@@ -1,9 +1,9 @@
 """Train a discriminative PRM: `accelerate launch launch/train_prm.py --config configs/prm/arith.yaml`.
 
-All logic lives in `treetune.trainers.prm_train`; see its fields with `--help`.
+All logic lives in `treetune.trainers.prm.train`; see its fields with `--help`.
 """
 
-from treetune.trainers.prm_train import main
+from treetune.trainers.prm.train import main
 
 if __name__ == "__main__":
     main()

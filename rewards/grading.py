@@ -2,7 +2,7 @@
 
 `grade(output, gold)` extracts the final answer of `output` (last \\boxed{}, `#### N`, "The answer
 is"), and asks math-verify whether it equals `gold`. The comparison runs in a sandboxed worker
-process (`treetune.rewards.sandbox`), because math-verify's own timeout uses `signal.alarm`
+process (`treetune.rewards.sandbox.pool`), because math-verify's own timeout uses `signal.alarm`
 (main thread only) and cannot interrupt sympy stuck in C code; a worker that overruns is killed
 and the answer counts as wrong. That makes grading safe from threads and worker processes, and
 `grade_many` spreads a batch over a pool of such workers.
@@ -18,8 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from treetune.data.answers import extract_answer
-
-from .sandbox import SandboxPool
+from treetune.rewards.sandbox.pool import SandboxPool
 
 DEFAULT_TIMEOUT = 5.0
 MAX_ANSWER_CHARS = 2000  # a final answer longer than this is not an answer

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from treetune.data.answers import extract_answer
+from treetune.rewards.grading import Grader, default_grader
 from treetune.rollouts.tree import ReasoningTree
-
-from .grading import Grader, default_grader
 
 
 def score_outcomes(trees: Sequence[ReasoningTree], grader: Grader | None = None, key: str = "outcome") -> None:

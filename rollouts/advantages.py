@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .tree import ReasoningTree
+from treetune.rollouts.tree import ReasoningTree
 
 
 def _reward(tree: ReasoningTree, node_id: int, key: str) -> float:

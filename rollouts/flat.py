@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-from .engines import Engine, GenerationRequest, SamplingSettings
-from .stopping import finish_reason_for, request_seed
-from .tree import ReasoningTree
+from treetune.rollouts.engines import Engine, GenerationRequest, SamplingSettings
+from treetune.rollouts.stopping import finish_reason_for, request_seed
+from treetune.rollouts.tree import ReasoningTree
 
 
 @dataclass

@@ -43,11 +43,20 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-from .engines import Engine, GenerationRequest, SamplingSettings
-from .step_search import (PathValue, StepScorer, StepSettings, Verifier, add_steps, as_path_value, evaluate_paths,
-                          mark_pick, step_request)
-from .stopping import request_seed
-from .tree import Node, ReasoningTree
+from treetune.rollouts.engines import Engine, GenerationRequest, SamplingSettings
+from treetune.rollouts.step_search import (
+    PathValue,
+    StepScorer,
+    StepSettings,
+    Verifier,
+    add_steps,
+    as_path_value,
+    evaluate_paths,
+    mark_pick,
+    step_request,
+)
+from treetune.rollouts.stopping import request_seed
+from treetune.rollouts.tree import Node, ReasoningTree
 
 
 @dataclass

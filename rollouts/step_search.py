@@ -32,15 +32,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from treetune.data.answers import extract_answer
-
-from .engines import Engine, GenerationRequest, RequestResult, SamplingSettings
-from .stopping import finish_reason_for, request_seed
-from .tree import Node, ReasoningTree
+from treetune.rollouts.engines import Engine, GenerationRequest, RequestResult, SamplingSettings
+from treetune.rollouts.stopping import finish_reason_for, request_seed
+from treetune.rollouts.tree import Node, ReasoningTree
 
 
 # -- injected parts ----------------------------------------------------------------------------
 class StepScorer(Protocol):
-    """The shape of `treetune.rewards.step_scorer.StepScorer`: one score in [0, 1] per step."""
+    """The shape of `treetune.rewards.scorers.arith_checker.StepScorer`: one score in [0, 1] per step."""
 
     name: str
 

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from treetune.data.records import DataError
-
-from .tree import ReasoningTree
+from treetune.rollouts.tree import ReasoningTree
 
 log = logging.getLogger(__name__)
 SHARD_PATTERN = "trees-*.jsonl"

@@ -29,10 +29,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .engines import Engine
-from .stopping import finish_reason_for, request_seed
-from .tree import ReasoningTree
-from .treepo_coupled import grow_coupled, segment_request
+from treetune.rollouts.engines import Engine
+from treetune.rollouts.stopping import finish_reason_for, request_seed
+from treetune.rollouts.tree import ReasoningTree
+from treetune.rollouts.treepo_coupled import grow_coupled, segment_request
 
 
 @dataclass

@@ -36,9 +36,9 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .engines import Engine, GenerationRequest, SamplingSettings
-from .stopping import finish_reason_for, request_seed
-from .tree import ReasoningTree
+from treetune.rollouts.engines import Engine, GenerationRequest, SamplingSettings
+from treetune.rollouts.stopping import finish_reason_for, request_seed
+from treetune.rollouts.tree import ReasoningTree
 
 
 def segment_request(s, tree: ReasoningTree, node: int, n: int, step: int, top_logprobs: int = 0) -> GenerationRequest:

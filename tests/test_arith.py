@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from treetune.data import Problem, load_problems
 from treetune.data.arith import arith_problems, check_solution, first_error_kind, problem_ops
 from treetune.data.steps import split_steps

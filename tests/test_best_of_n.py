@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from treetune.rewards.best_of_n import evaluate, sweep
-from treetune.rewards.selectors import SELECTORS, Candidate, get_selector, pass_at_k, register
+from treetune.rewards.evaluation.best_of_n import evaluate, sweep
+from treetune.rewards.selection.selectors import SELECTORS, Candidate, get_selector, pass_at_k, register
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +128,7 @@ def test_existing_trees_and_wandb_offline(tmp_path, monkeypatch):
     # Trees written by another run (here by hand, from gold and altered solutions) are evaluated
     # as they are, and the run is logged to wandb (offline: files only).
     from treetune.data.arith import arith_problems
-    from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees
+    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees
     from treetune.rewards.grading import Grader
     from treetune.rollouts.tree import ReasoningTree
     from treetune.rollouts.tree_io import TreeWriter

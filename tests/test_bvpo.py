@@ -10,12 +10,10 @@ import math
 
 import pytest
 import torch
-
 from treetune.data import DataError, PromptTemplate
 from treetune.data.arith import arith_problems
 from treetune.data.bvpo_pairs import EMPTY_THINK, BVPOPair, load_bvpo_pairs, mode_prompt, write_bvpo_pairs
-from treetune.trainers.bvpo_alpha import (AlphaEstimator, GradientSketch, closed_form_alpha, estimate_alpha,
-                                          mixture_mse)
+from treetune.trainers.bvpo.alpha import AlphaEstimator, GradientSketch, closed_form_alpha, estimate_alpha, mixture_mse
 
 
 def arith_pairs(count: int, offset: int = 0) -> list[BVPOPair]:
@@ -35,8 +33,7 @@ def arith_pairs(count: int, offset: int = 0) -> list[BVPOPair]:
 
 def test_mixed_loss_is_the_weighted_sum_of_the_two_dpo_losses(tmp_path, tiny_policy_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from treetune.trainers.bvpo import BVPOConfig, BVPOTrainer, build_bvpo_dataset
+    from treetune.trainers.bvpo.trainer import BVPOConfig, BVPOTrainer, build_bvpo_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
     pairs = arith_pairs(4)
@@ -85,8 +82,7 @@ def test_mixed_loss_is_the_weighted_sum_of_the_two_dpo_losses(tmp_path, tiny_pol
 
 def test_alpha_one_is_trace_only_dpo_and_alpha_is_validated(tmp_path, tiny_policy_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from treetune.trainers.bvpo import BVPOConfig, BVPOTrainer, build_bvpo_dataset, match_pairs, parse_alpha
+    from treetune.trainers.bvpo.trainer import BVPOConfig, BVPOTrainer, build_bvpo_dataset, match_pairs, parse_alpha
 
     assert parse_alpha("auto") is None and parse_alpha("0.25") == 0.25
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
@@ -210,7 +206,7 @@ def test_empty_think_rendering_uses_the_template_where_it_can(tiny_policy_path):
 
 @pytest.fixture(scope="module")
 def dual_policy() -> str:
-    from treetune.trainers.dual_mode_policy import dual_mode_policy
+    from treetune.data.arith import dual_mode_policy
 
     return dual_mode_policy(quiet=True)
 
@@ -218,7 +214,7 @@ def dual_policy() -> str:
 def test_data_builder_on_the_dual_mode_policy_makes_pairs_in_both_modes_and_resumes(tmp_path, dual_policy):
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
-    from treetune.trainers.bvpo_data import BVPODataArgs, build_bvpo_pairs, make_scorer
+    from treetune.trainers.bvpo.pairs import BVPODataArgs, build_bvpo_pairs, make_scorer
 
     problems = arith_problems("train", limit=12)
     args = BVPODataArgs(output_dir=str(tmp_path / "pairs"), samples=6, temperature=1.0, max_tokens=96,
@@ -249,7 +245,7 @@ def test_data_builder_on_the_dual_mode_policy_makes_pairs_in_both_modes_and_resu
 
 
 def test_training_with_auto_alpha_logs_alpha_and_lowers_both_losses(tmp_path, tiny_policy_path):
-    from treetune.trainers.bvpo import main
+    from treetune.trainers.bvpo.trainer import main
 
     pairs_path = tmp_path / "pairs.jsonl"
     write_bvpo_pairs(arith_pairs(32), pairs_path)
@@ -273,8 +269,7 @@ def test_reward_model_and_verifier_scorers_rank_responses(tmp_path, tiny_policy_
     """Any scorer plugs into the builder: a (randomly initialised, tiny) sequence-classification reward
     model scores deterministically, one score per response; the exact arith checker prefers the gold solution."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
-
-    from treetune.trainers.bvpo_data import BVPODataArgs, final_part, make_scorer, pick_pair
+    from treetune.trainers.bvpo.pairs import BVPODataArgs, final_part, make_scorer, pick_pair
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ import json
 import logging
 
 import pytest
-
 from treetune.data import DataError, PromptTemplate, load_problems, split_steps
 
 
@@ -106,8 +105,8 @@ def test_prompt_templates():
 
 
 def test_chat_template_puts_the_instruction_in_the_system_turn():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
     tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -128,7 +127,6 @@ def test_hub_rows_convert(shared_data, monkeypatch):
     # No network here: the hub loader is pointed at the same files through `datasets`, so the
     # rows arrive exactly as `datasets.load_dataset` yields them from the hub.
     import datasets
-
     from treetune.data import sources
 
     files = {"openai/gsm8k": shared_data / "gsm8k" / "test.jsonl", sources.MATH500_HUB: shared_data / "math500" / "test.jsonl"}

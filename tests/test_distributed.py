@@ -86,7 +86,6 @@ def test_cpu_launches_get_a_gloo_backend(monkeypatch):
     """The patched detection: a launched process on a CPU-only machine is MULTI_CPU over gloo."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
-
     from treetune.trainers.distributed import enable_cpu_distributed, has_accelerator
 
     if has_accelerator():

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from treetune.data import load_problems
 from treetune.data.answers import last_boxed
 from treetune.rewards.grading import DEFAULT_TIMEOUT, Grader, grade

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-
 from treetune.data import load_problems
-from treetune.rewards.grounded_gen_prm import BOXED, GroundedGenPRM, render, user_turn, verdict_tokens
-from treetune.rewards.grounded_prm import SYSTEM_PROMPT, GroundedPath, rationale, rationale_records
-from treetune.rewards.think_prm_data import widen_context
+from treetune.rewards.labels.grounded import SYSTEM_PROMPT, GroundedPath, rationale, rationale_records
+from treetune.rewards.labels.think_prm import widen_context
+from treetune.rewards.scorers.grounded_gen import BOXED, GroundedGenPRM, render, user_turn, verdict_tokens
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,6 @@ def test_verdict_tokens(tokenizer):
 
 def test_scores_turn_by_turn_through_an_engine(tiny_policy_path, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
-
     from treetune.rollouts.engines import HFEngine
 
     model_dir = str(widen_context(tiny_policy_path, tmp_path / "init", 1024))

@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from treetune.rewards import grounded_prm as gp
-from treetune.rewards.sandbox import SandboxPool
-from treetune.rewards.step_tool import (CHECK_FN, StepTool, ToolStepScorer, extract_equations, final_answer,
-                                        normalize_math)
+from treetune.rewards.labels import grounded as gp
+from treetune.rewards.sandbox.pool import SandboxPool
+from treetune.rewards.scorers.tool import (
+    CHECK_FN,
+    StepTool,
+    ToolStepScorer,
+    extract_equations,
+    final_answer,
+    normalize_math,
+)
 from treetune.rollouts.tree import ReasoningTree
 
 
@@ -275,7 +280,7 @@ def test_rationale_records(tool, tmp_path):
     assert "Step 2: 5+1=7" in wrong["prompt"] and "Step 1: 2+3=5" in wrong["prompt"]
     assert wrong["prompt"].count("<verify>") == 1 + 1  # the instructions mention it, and step 1's rationale
     # the SFT recipe reads them as prompt / completion records
-    from treetune.trainers.sft import SFTScriptArguments, training_records
+    from treetune.trainers.sft.trainer import SFTScriptArguments, training_records
 
     path = gp.write_records(records, tmp_path / "rationale.jsonl")
     rows = training_records(SFTScriptArguments(dataset_source="records", dataset_path=str(path)))
@@ -293,7 +298,7 @@ def test_simulations_from_the_policy_feed_the_backup(tool, tiny_policy_path):
     from treetune.data import PromptTemplate, load_problems
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import HFEngine
-    from treetune.rollouts.job import new_tree
+    from treetune.rollouts.run import new_tree
 
     problem = load_problems("arith", "test", limit=1)[0]
     engine = HFEngine(tiny_policy_path)
@@ -310,7 +315,7 @@ def test_simulations_from_the_policy_feed_the_backup(tool, tiny_policy_path):
 
 
 def test_the_tool_drives_step_search_by_name():
-    from treetune.rewards.search_scorer import make_search_scorer
+    from treetune.rewards.scorers.loading import make_search_scorer
 
     scorer = make_search_scorer("tool")
     scores = scorer.score(["Mia has 7 pens. She gets 5 more. She gives away 3."], [["7+5=12", "12-3=8"]])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems, check_solution
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings

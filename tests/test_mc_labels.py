@@ -5,10 +5,10 @@ from __future__ import annotations
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems, check_solution
 from treetune.rewards.grading import Grader
-from treetune.rewards.mc_labels import LabelledSolution, consensus, mc_estimate, to_stepwise
+from treetune.rewards.labels.mc import LabelledSolution, consensus, mc_estimate, to_stepwise
 from treetune.rewards.outcome import score_outcomes
 from treetune.rollouts.flat import FlatSampler, FlatSettings
-from treetune.rollouts.job import new_tree
+from treetune.rollouts.run import new_tree
 from treetune.rollouts.tree import ReasoningTree
 
 

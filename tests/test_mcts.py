@@ -6,19 +6,26 @@ from __future__ import annotations
 import math
 
 import pytest
-
+from recording import Recording
 from treetune.data import PromptTemplate
 from treetune.data.answers import extract_answer
 from treetune.data.arith import arith_problems
-from treetune.rewards.step_scorer import ArithCheckerScorer
+from treetune.rewards.scorers.arith_checker import ArithCheckerScorer
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
-from treetune.rollouts.job import RolloutArgs, make_sampler, new_tree
-from treetune.rollouts.mcts import (MCTSSampler, MCTSSettings, SelfEvaluation, backup, best_move, puct, select_child,
-                                   select_path, step_prior)
+from treetune.rollouts.mcts import (
+    MCTSSampler,
+    MCTSSettings,
+    SelfEvaluation,
+    backup,
+    best_move,
+    puct,
+    select_child,
+    select_path,
+    step_prior,
+)
+from treetune.rollouts.run import RolloutArgs, make_sampler, new_tree
 from treetune.rollouts.tree import ReasoningTree
 from treetune.rollouts.tree_io import TreeWriter, read_trees
-
-from recording import Recording
 
 
 @pytest.fixture(scope="module")

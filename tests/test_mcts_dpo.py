@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
-
-from pathlib import Path
-
 from treetune.rollouts.tree import ReasoningTree
-from treetune.trainers.mcts_pairs import mcts_pairs, tree_pairs, visit_smoothing
+from treetune.trainers.mcts_dpo.pairs import mcts_pairs, tree_pairs, visit_smoothing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,9 +85,8 @@ def _sequence_logps(model, prompt_ids, completion_ids) -> torch.Tensor:
 
 def test_per_pair_smoothing_reaches_the_loss(tiny_policy_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from treetune.data.step_pairs import StepPair
-    from treetune.trainers.mcts_dpo import MCTSDPOConfig, MCTSDPOTrainer, pair_rows
+    from treetune.trainers.mcts_dpo.trainer import MCTSDPOConfig, MCTSDPOTrainer, pair_rows
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
@@ -142,7 +139,7 @@ def test_per_pair_smoothing_reaches_the_loss(tiny_policy_path, tmp_path):
 @pytest.fixture(scope="module")
 def one_round(tmp_path_factory, tiny_policy_path):
     """One real round (vLLM MCTS on a few arith problems, pairs, cDPO) into a fresh output dir."""
-    from treetune.trainers.mcts_dpo_loop import main
+    from treetune.trainers.mcts_dpo.loop import main
 
     out = tmp_path_factory.mktemp("mcts_dpo")
     argv = ["--config", str(ROOT / "configs/arith/mcts_dpo.yaml"), "--output_dir", str(out), "--problems_per_round", "24",
@@ -155,7 +152,6 @@ def one_round(tmp_path_factory, tiny_policy_path):
 
 def test_one_round_end_to_end(one_round, tiny_policy_path):
     from safetensors.torch import load_file
-
     from treetune.data.step_pairs import load_step_pairs
     from treetune.rollouts.tree_io import read_trees
 
@@ -176,7 +172,7 @@ def test_one_round_end_to_end(one_round, tiny_policy_path):
 
 
 def test_resume_after_stop_between_rounds(one_round, tiny_policy_path):
-    from treetune.trainers.mcts_dpo_loop import main
+    from treetune.trainers.mcts_dpo.loop import main
 
     out, argv, _ = one_round
     r0 = out / "round_0"

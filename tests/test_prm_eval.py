@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
 from treetune.data.arith import arith_problems
 from treetune.data.steps import split_steps
-from treetune.rewards.prm_formats import from_math_shepherd, read_stepwise, write_stepwise
-from treetune.rewards.processbench import evaluate_splits, first_below, load_processbench, processbench_metrics
-from treetune.rewards.step_scorer import ArithCheckerScorer, aggregate
+from treetune.rewards.evaluation.processbench import (
+    evaluate_splits,
+    first_below,
+    load_processbench,
+    processbench_metrics,
+)
+from treetune.rewards.labels.formats import from_math_shepherd, read_stepwise, write_stepwise
+from treetune.rewards.scorers.arith_checker import ArithCheckerScorer, aggregate
 
 
 def test_processbench_metric_by_hand():
@@ -85,7 +89,7 @@ def test_shepherd_row_without_tag_labels_is_an_error():
 
 
 def test_prm_selectors_by_hand():
-    from treetune.rewards.selectors import Candidate, get_selector
+    from treetune.rewards.selection.selectors import Candidate, get_selector
 
     cands = [Candidate("a", "1", False, 0, scores={"prm": [0.9, 0.2, 0.9]}),
              Candidate("b", "2", True, 1, scores={"prm": [0.6, 0.6, 0.7]}),
@@ -98,7 +102,7 @@ def test_prm_selectors_by_hand():
 
 def test_eval_prm_with_the_checker_on_arith_trees(tmp_path):
     # The checker scored against its own truth: a perfect F1, which the whole path must reproduce.
-    from treetune.rewards.prm_eval_run import EvalPRMArgs, run
+    from treetune.launch.eval_prm import EvalPRMArgs, run
     from treetune.rollouts.tree import ReasoningTree
     from treetune.rollouts.tree_io import TreeWriter
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from treetune.data.arith import arith_problems, check_solution
 from treetune.data.steps import split_steps
-from treetune.rewards.prm_formats import write_stepwise
-from treetune.trainers.prm import IGNORE, step_loss, tokenize_stepwise
+from treetune.rewards.labels.formats import write_stepwise
+from treetune.trainers.prm.trainer import IGNORE, step_loss, tokenize_stepwise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +82,7 @@ def test_short_training_run_loss_falls_and_scores(tmp_path, tiny_policy_path):
     losses = json.loads((out / "train_metrics.json").read_text())["losses"]
     assert len(losses) >= 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
 
-    from treetune.rewards.prm import DiscriminativePRM
+    from treetune.rewards.scorers.discriminative import DiscriminativePRM
 
     prm = DiscriminativePRM(str(out))
     problem = arith_problems("test", 1)[0]
@@ -116,8 +115,7 @@ def test_step_spans_cover_each_step_without_its_separator(tokenizer):
 
 def test_fusion_fit_recovers_a_known_logistic_model(tmp_path):
     import numpy as np
-
-    from treetune.rewards import prm_fusion
+    from treetune.rewards.scorers import fusion as prm_fusion
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20000, 2)) * [1.0, 3.0] + [0.0, -2.0]
@@ -140,8 +138,7 @@ def test_fusion_fit_recovers_a_known_logistic_model(tmp_path):
 
 def test_step_log_probs_match_one_row_at_a_time(tokenizer, tiny_policy_path):
     from transformers import AutoModelForCausalLM
-
-    from treetune.rewards.prm_fusion import likelihood_features, step_log_probs
+    from treetune.rewards.scorers.fusion import likelihood_features, step_log_probs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy_path).eval()
     problems = arith_problems("test", 3)
@@ -178,7 +175,7 @@ def test_fused_prm_under_zero3_with_two_processes(tmp_path, tiny_policy_path):
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["fusion_records"] == 26 and metrics["fusion"]["fit_loss"] < metrics["fusion"]["prior_loss"]
 
-    from treetune.rewards.prm import DiscriminativePRM
+    from treetune.rewards.scorers.discriminative import DiscriminativePRM
 
     problem = arith_problems("test", 1)[0]
     steps = split_steps(problem.solution, "line")

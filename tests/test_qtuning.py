@@ -12,10 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from treetune.trainers.qtuning_select import (
-    MAX_ALPHA, NONE, Q1, Q2, Q3, Q4, bisect_alpha, budget, kept_quadrant_count, quadrants, select_samples,
-    smoothed_token_scores, supp_scores, token_keep_mask,
+from treetune.trainers.qtuning.select import (
+    MAX_ALPHA,
+    NONE,
+    Q1,
+    Q2,
+    Q3,
+    Q4,
+    bisect_alpha,
+    budget,
+    kept_quadrant_count,
+    quadrants,
+    select_samples,
+    smoothed_token_scores,
+    supp_scores,
+    token_keep_mask,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,8 +150,7 @@ def _records(n: int) -> list[dict]:
 def test_pruned_tokens_get_no_gradient(tmp_path, tiny_policy_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from treetune.trainers.qtuning import QTuningConfig, QTuningTrainer
+    from treetune.trainers.qtuning.trainer import QTuningConfig, QTuningTrainer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
@@ -243,7 +253,7 @@ def test_full_budget_is_plain_sft_without_scoring(tmp_path):
 
 
 def test_random_baseline_prunes_to_the_same_budgets():
-    from treetune.trainers.qtuning import random_prune_batch
+    from treetune.trainers.qtuning.trainer import random_prune_batch
 
     labels = torch.full((8, 12), -100)
     labels[:, 4:10] = 7  # six answer tokens a row

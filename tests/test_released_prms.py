@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from treetune.rewards.released_prms import (QWEN_STEP_TOKEN, SHEPHERD_TAG, MathShepherdPRM, QwenMathPRM,
-                                            load_prm)
+from treetune.rewards.scorers.released import QWEN_STEP_TOKEN, SHEPHERD_TAG, MathShepherdPRM, QwenMathPRM, load_prm
 
 # Qwen's ChatML layout, as the released tokenizer's template renders system / user / assistant turns
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

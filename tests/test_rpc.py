@@ -8,10 +8,18 @@ import math
 import numpy as np
 import pytest
 from scipy.optimize import check_grad
-
-from treetune.rewards.rpc import (PAPER_START, WeibullMixture, _nll_and_grad, class_scores, consistency_weights,
-                                  fit_weibull_mixture, prune_mask, rpc_scores, rpc_weights)
-from treetune.rewards.selectors import Candidate, get_selector
+from treetune.rewards.selection.rpc import (
+    PAPER_START,
+    WeibullMixture,
+    _nll_and_grad,
+    class_scores,
+    consistency_weights,
+    fit_weibull_mixture,
+    prune_mask,
+    rpc_scores,
+    rpc_weights,
+)
+from treetune.rewards.selection.selectors import Candidate, get_selector
 
 
 def weibull_pdf(x, k, lam):  # written out, independent of the module's log-space code
@@ -161,7 +169,7 @@ def test_selectors_by_name_in_a_best_of_n_run(tmp_path):
     # word. Majority answers wrong; PC counts the repeated text once and answers right, as does RPC
     # (which also needs the whole-path log-prob that best_of_n.candidates computes).
     from treetune.data.arith import arith_problems
-    from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees
+    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees
     from treetune.rewards.grading import Grader
     from treetune.rollouts.tree import ReasoningTree
     from treetune.rollouts.tree_io import TreeWriter

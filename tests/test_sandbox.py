@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from treetune.rewards.sandbox import SandboxPool
+from treetune.rewards.sandbox.pool import SandboxPool
 
 VERIFY = "treetune.rewards.grading:verify_answer"
 

@@ -9,12 +9,15 @@ import threading
 import time
 
 import pytest
-
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
-from treetune.rollouts.engines.server_pool import (VLLMServerPool, start_local_server, stop_local_server,
-                                                   wait_until_healthy)
+from treetune.rollouts.engines.server_pool import (
+    VLLMServerPool,
+    start_local_server,
+    stop_local_server,
+    wait_until_healthy,
+)
 
 
 def _free_port() -> int:
@@ -49,8 +52,8 @@ def _requests(tokenizer, count: int, n: int = 2):
 
 
 def test_treepo_rollout_through_the_servers(servers, tiny_policy_path, tmp_path):
-    from treetune.rollouts.job import RolloutArgs, make_engine, run_rollout
     from treetune.data import load_problems
+    from treetune.rollouts.run import RolloutArgs, make_engine, run_rollout
 
     _, urls = servers
     args = RolloutArgs(output_dir=str(tmp_path), engine="servers", server_urls=",".join(urls), limit=6,

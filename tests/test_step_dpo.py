@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
-
 from treetune.data import DataError
 from treetune.data.arith import arith_problems
 from treetune.data.step_pairs import StepPair, dpo_prompt, load_step_pairs, write_step_pairs
 from treetune.rollouts.tree import ReasoningTree
-from treetune.trainers.step_dpo import tokenize_step_pair
-from treetune.trainers.step_dpo_data import PairProgress, first_wrong_step, raw_steps, tree_branch_pairs
+from treetune.trainers.step_dpo.pairs import PairProgress, first_wrong_step, raw_steps, tree_branch_pairs
+from treetune.trainers.step_dpo.trainer import tokenize_step_pair
 
 PUBLIC_ROW = {
     "dataset": "MATH_Rephrased",
@@ -154,7 +152,7 @@ def arith_step_pairs(count: int) -> list[StepPair]:
 
 
 def test_training_loss_falls_and_a_run_resumes_from_its_checkpoint(tmp_path, tiny_policy_path):
-    from treetune.trainers.step_dpo import main
+    from treetune.trainers.step_dpo.trainer import main
 
     pairs_path = tmp_path / "pairs.jsonl"
     write_step_pairs(arith_step_pairs(64), pairs_path)

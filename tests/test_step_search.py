@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import pytest
-
+from recording import Recording
 from treetune.data import PromptTemplate
 from treetune.data.answers import extract_answer
 from treetune.data.arith import arith_problems
-from treetune.rewards.step_scorer import ArithCheckerScorer
+from treetune.rewards.scorers.arith_checker import ArithCheckerScorer
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
-from treetune.rollouts.job import RolloutArgs, make_sampler, new_tree
-from treetune.rollouts.step_search import (BeamSearchSampler, BeamSettings, DVTSSampler, DVTSSettings, ScorerValue,
-                                           evaluate_paths, path_steps)
+from treetune.rollouts.run import RolloutArgs, make_sampler, new_tree
+from treetune.rollouts.step_search import (
+    BeamSearchSampler,
+    BeamSettings,
+    DVTSSampler,
+    DVTSSettings,
+    ScorerValue,
+    evaluate_paths,
+    path_steps,
+)
 from treetune.rollouts.tree import ReasoningTree
-
-from recording import Recording
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +135,7 @@ def test_search_with_the_checker_fixes_greedy_mistakes(engine, greedy_failures):
 
 
 def test_best_of_n_generation_mode(engine, tmp_path):
-    from treetune.rewards.best_of_n_run import BestOfNArgs, evaluate_trees, sample
+    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, sample
     from treetune.rewards.grading import Grader
 
     problems = arith_problems("validation", 4)

@@ -7,13 +7,30 @@ import math
 
 import pytest
 import torch
-
 from treetune.data import load_problems
-from treetune.rewards.think_prm import (Verification, ThinkPRM, chain_complete, decision_suffix, decision_tokens,
-                                        parse_step_labels, render_prompt, solution_lines, training_completion,
-                                        yes_probability)
-from treetune.rewards.think_prm_data import (VerificationExample, arith_example, arith_template_chain, balance,
-                                             chain_matches, filter_chains, to_records, trim_chain, widen_context)
+from treetune.rewards.labels.think_prm import (
+    VerificationExample,
+    arith_example,
+    arith_template_chain,
+    balance,
+    chain_matches,
+    filter_chains,
+    to_records,
+    trim_chain,
+    widen_context,
+)
+from treetune.rewards.scorers.think_prm import (
+    ThinkPRM,
+    Verification,
+    chain_complete,
+    decision_suffix,
+    decision_tokens,
+    parse_step_labels,
+    render_prompt,
+    solution_lines,
+    training_completion,
+    yes_probability,
+)
 
 CHAIN_OK = ("\nStep 1: 3+4 is 7, as written. The step is \\boxed{correct}"
             "\nStep 2: 7-2 is 5, as written. The step is \\boxed{correct}"
@@ -115,7 +132,6 @@ def verifier_model(tiny_policy_path, tmp_path_factory):
 
 def test_hf_engine_top_logprobs_match_the_model(verifier_model, tokenizer):
     from transformers import AutoModelForCausalLM
-
     from treetune.rollouts.engines import GenerationRequest, HFEngine, SamplingSettings
 
     engine = HFEngine(verifier_model)
@@ -153,7 +169,7 @@ def test_think_prm_scores_through_an_engine(verifier_model):
 def test_compact_style_and_saved_format(tmp_path):
     import json
 
-    from treetune.rewards.think_prm import saved_format
+    from treetune.rewards.scorers.think_prm import saved_format
 
     compact = render_prompt("What is 3+4?", ["3+4=7"], style="compact")
     assert compact == "[Math Problem]\nWhat is 3+4?\n[Solution]\nStep 1: 3+4=7\n<think>\nLet's verify step by step:"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-
 from treetune.data.records import DataError
 from treetune.rollouts.advantages import segment_advantages, subgroup_advantages, tree_subgroup_advantages
 from treetune.rollouts.tree import ReasoningTree

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from recording import Recording
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems
 from treetune.rollouts.flat import FlatSampler, FlatSettings
-from treetune.rollouts.job import new_tree
+from treetune.rollouts.run import new_tree
 from treetune.rollouts.stopping import finish_reason_for, has_repetition
 from treetune.rollouts.treepo import TreePOSampler, TreePOSettings, split_budget
-
-from recording import Recording
 
 
 def fresh_trees(engine, count=6):
@@ -110,7 +109,6 @@ def test_coupled_fork_draws_like_independent_samples(tiny_policy_path):
     import random
 
     from transformers import AutoTokenizer
-
     from treetune.rollouts.engines import Completion
     from treetune.rollouts.treepo_coupled import _Coupled, _settle, _Texts
 

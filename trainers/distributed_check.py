@@ -22,6 +22,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from treetune.data.arith import arith_problems, check_solution, tiny_policy
+from treetune.data.step_pairs import StepPair
+from treetune.trainers.common import parse_recipe
+from treetune.trainers.distributed import distributed_summary, local_parameter_share, save_final_model
+from treetune.trainers.step_dpo.trainer import StepDPOConfig, StepDPOTrainer, build_step_dataset
+
 log = logging.getLogger(__name__)
 
 # Seconds of training on two CPU cores; few pairs seen more than once and a high constant learning
@@ -56,8 +62,6 @@ def corrupt_one_step(solution: str, rng: random.Random) -> str:
 def preference_pairs(num_pairs: int, seed: int = 0) -> list:
     """Step pairs: a gold prefix, then the gold step against the same step with its result off by
     one (checked wrong there by the exact step checker)."""
-    from treetune.data.arith import arith_problems, check_solution
-    from treetune.data.step_pairs import StepPair
 
     rng = random.Random(seed)
     pairs = []
@@ -109,11 +113,8 @@ def run_check(args: CheckArguments, config) -> dict:
     """Train, save the final model, and write this rank's record; returns it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from treetune.data.arith import tiny_policy
 
-    from .step_dpo import StepDPOTrainer, build_step_dataset
 
-    from .distributed import distributed_summary, local_parameter_share, save_final_model
 
     set_seed(config.seed)
     path = args.model_name_or_path or tiny_policy()
@@ -157,8 +158,6 @@ def run_check(args: CheckArguments, config) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import sys
 
-    from .cli import parse_recipe
-    from .step_dpo import StepDPOConfig
 
     logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     argv = DEFAULTS + list(sys.argv[1:] if argv is None else argv)  # later flags win

@@ -1,17 +1,17 @@
-"""Engines: token-in / token-out generation backends (vLLM in-process, transformers)."""
+"""Engines: token-in / token-out generation backends (vLLM in-process, a pool of `vllm serve`
+servers, transformers). Each imports its heavy backend only when an engine is built."""
 
-from .base import Completion, Engine, EngineCounters, GenerationRequest, RequestResult, SamplingSettings
+from treetune.rollouts.engines.base import (
+    Completion,
+    Engine,
+    EngineCounters,
+    GenerationRequest,
+    RequestResult,
+    SamplingSettings,
+)
+from treetune.rollouts.engines.hf_engine import HFEngine
+from treetune.rollouts.engines.server_pool import VLLMServerPool
+from treetune.rollouts.engines.vllm_engine import VLLMEngine
 
-__all__ = ["Completion", "Engine", "EngineCounters", "GenerationRequest", "HFEngine", "RequestResult", "SamplingSettings", "VLLMEngine"]
-
-
-def __getattr__(name):  # heavy backends are imported only when an engine is actually built
-    if name == "VLLMEngine":
-        from .vllm_engine import VLLMEngine
-
-        return VLLMEngine
-    if name == "HFEngine":
-        from .hf_engine import HFEngine
-
-        return HFEngine
-    raise AttributeError(name)
+__all__ = ["Completion", "Engine", "EngineCounters", "GenerationRequest", "HFEngine", "RequestResult",
+           "SamplingSettings", "VLLMEngine", "VLLMServerPool"]

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Completion, EngineCounters, GenerationRequest, RequestResult, fit_max_tokens, no_room
+from treetune.rollouts.engines.base import (
+    Completion,
+    EngineCounters,
+    GenerationRequest,
+    RequestResult,
+    fit_max_tokens,
+    no_room,
+)
 
 
 class HFEngine:

@@ -23,8 +23,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import Completion, EngineCounters, GenerationRequest, RequestResult, fit_max_tokens, no_room
-from .vllm_engine import context_length
+from treetune.rollouts.engines.base import (
+    Completion,
+    EngineCounters,
+    GenerationRequest,
+    RequestResult,
+    fit_max_tokens,
+    no_room,
+)
+from treetune.rollouts.engines.vllm_engine import context_length
 
 log = logging.getLogger(__name__)
 

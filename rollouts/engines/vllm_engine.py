@@ -10,7 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .base import Completion, EngineCounters, GenerationRequest, RequestResult, fit_max_tokens, no_room
+from treetune.rollouts.engines.base import (
+    Completion,
+    EngineCounters,
+    GenerationRequest,
+    RequestResult,
+    fit_max_tokens,
+    no_room,
+)
 
 
 def _on_cpu() -> bool:

@@ -1,0 +1,280 @@
+"""Building BVPO pairs from a policy's own samples, in both modes (trace on, trace off).
+
+For each prompt and each mode, `samples` responses are drawn with vLLM (the paper: 5 per prompt),
+scored by any response scorer, and the best becomes `chosen`, the worst `rejected` (the paper ranks
+with ArmoRM; here the default scorer is the gold answer via math-verify, or a reward model, or a
+step verifier aggregated over the response's steps). A (prompt, mode) whose responses all score the
+same gives no pair, and the reason is recorded. Progress is kept per (problem, mode) in
+`status.jsonl`, so a killed run resumes without redoing or duplicating finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from treetune.data import Problem, PromptTemplate
+from treetune.data.bvpo_pairs import MODES, BVPOPair, mode_prompt
+from treetune.rewards.scorers.arith_checker import ArithCheckerScorer, aggregate
+from treetune.rewards.scorers.released import load_prm
+from treetune.rollouts.engines.base import GenerationRequest, SamplingSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BVPODataArgs:
+    output_dir: str = "outputs/bvpo_data"
+    model_name_or_path: str | None = None  # empty: the arith dual-mode tiny policy
+    source: str = "arith"
+    split: str = "train"
+    data_path: str | None = None
+    limit: int | None = 500
+    prompt_style: str | None = None
+    modes: str = "trace,empty"
+    samples: int = 5  # responses per prompt and mode (the paper: 5, ranked by ArmoRM)
+    temperature: float = 0.8  # not given by the paper [unverified]
+    top_p: float = 0.95
+    max_tokens: int = 256  # for trace-mode responses
+    empty_max_tokens: int | None = None  # for answer-only responses; default: max_tokens
+    seed: int = 0
+    scorer: str = "gold"  # gold | reward_model (scorer_path) | arith_checker | prm (scorer_path)
+    scorer_path: str | None = None
+    scorer_format: str = "treetune"  # for prm: treetune | qwen | shepherd
+    aggregation: str = "min"  # step verifiers: how step scores make a response score
+    min_gap: float = 1e-6  # least score gap between chosen and rejected
+    think_block: str | None = None  # the empty think block; default see treetune.data.bvpo_pairs
+    batch_problems: int = 64
+    kv_cache_gb: float | None = None
+
+
+def final_part(response: str) -> str:
+    """The answer after the reasoning trace (the text after the last `</think>`), or the whole response."""
+    return response.rsplit("</think>", 1)[-1] if "</think>" in response else response
+
+
+class ResponseScorer(Protocol):
+    name: str
+
+    def score(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[float]:
+        """One score per (problem, response), higher is better."""
+        ...
+
+
+class GoldAnswerScorer:
+    """1 when the response's final answer equals the gold answer (math-verify), else 0."""
+
+    name = "gold"
+
+    def __init__(self, grader):
+        self.grader = grader
+
+    def score(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[float]:
+        missing = [p.id for p in problems if not p.answer]
+        if missing:
+            raise ValueError(f"the gold scorer needs gold answers; {len(missing)} problem(s) have none, e.g. {missing[:3]}")
+        verdicts = self.grader.grade_many([final_part(r) for r in responses], [p.answer for p in problems])
+        return [float(v) for v in verdicts]
+
+
+class StepVerifierScorer:
+    """A step scorer (exact arith checker, a PRM) over the response's answer part, aggregated to one score."""
+
+    def __init__(self, step_scorer, aggregation: str = "min", separator: str = "\n"):
+        self.step_scorer, self.aggregation, self.separator = step_scorer, aggregation, separator
+        self.name = getattr(step_scorer, "name", "step_verifier")
+
+    def score(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[float]:
+
+        steps = [[s.strip() for s in final_part(r).split(self.separator) if s.strip()] for r in responses]
+        scored = self.step_scorer.score([p.question for p in problems], steps)
+        return [aggregate(s, self.aggregation) for s in scored]
+
+
+class RewardModelScorer:
+    """A sequence-classification reward model (ArmoRM-style): the first logit (or `.score`) of the
+    conversation (question, response), rendered by its chat template when it has one."""
+
+    name = "reward_model"
+
+    def __init__(self, path: str, batch_size: int = 8, device: str | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto").eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.batch_size = batch_size
+
+    def _text(self, question: str, response: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                                       {"role": "assistant", "content": response}], tokenize=False)
+        return f"{question}\n{response}"
+
+    def score(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[float]:
+        import torch
+
+        texts = [self._text(p.question, r) for p, r in zip(problems, responses)]
+        out: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                       truncation=True, add_special_tokens=False).to(self.device)
+                result = self.model(**batch)
+                values = getattr(result, "score", None)
+                values = result.logits[:, 0] if values is None else values.reshape(len(batch["input_ids"]), -1)[:, 0]
+                out += [float(v) for v in values.float().cpu()]
+        return out
+
+
+def make_scorer(args: BVPODataArgs, grader=None) -> ResponseScorer:
+    if args.scorer == "gold":
+        if grader is None:
+            raise ValueError("the gold scorer needs a Grader")
+        return GoldAnswerScorer(grader)
+    if args.scorer == "reward_model":
+        if not args.scorer_path:
+            raise ValueError("scorer 'reward_model' needs --scorer_path")
+        return RewardModelScorer(args.scorer_path)
+    if args.scorer == "arith_checker":
+
+        return StepVerifierScorer(ArithCheckerScorer(), args.aggregation)
+    if args.scorer == "prm":
+        if not args.scorer_path:
+            raise ValueError("scorer 'prm' needs --scorer_path")
+
+        return StepVerifierScorer(load_prm(args.scorer_path, args.scorer_format, separator="\n"), args.aggregation)
+    raise ValueError(f"unknown scorer {args.scorer!r}; expected gold, reward_model, arith_checker or prm")
+
+
+def pick_pair(scores: Sequence[float], texts: Sequence[str], min_gap: float) -> tuple[int, int] | str:
+    """(best, worst) indices, or why there is no pair (no spread among the scores)."""
+    if not texts:
+        return "no responses"
+    best = max(range(len(scores)), key=lambda i: scores[i])
+    worst = min(range(len(scores)), key=lambda i: scores[i])
+    if scores[best] - scores[worst] < min_gap or texts[best] == texts[worst]:
+        return f"no spread (every response scored {scores[best]:g})"
+    return best, worst
+
+
+class BVPOProgress:
+    """pairs.jsonl plus status.jsonl (one line per finished (problem, mode)); pairs without a status
+    line come from a killed run and are dropped on reopening, so nothing is duplicated."""
+
+    def __init__(self, out: Path):
+        self.pairs_path, self.status_path = out / "pairs.jsonl", out / "status.jsonl"
+        self.done: dict[tuple[str, str], dict] = {}
+        if self.status_path.exists():
+            for line in self.status_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line: that (problem, mode) is redone
+                self.done[(row["problem_id"], row["mode"])] = row
+        if self.pairs_path.exists():
+            kept = [line for line in self.pairs_path.read_text().splitlines() if line.strip() and _key(line) in self.done]
+            self.pairs_path.write_text("".join(f"{line}\n" for line in kept))
+        self.status_path.write_text("".join(json.dumps(r) + "\n" for r in self.done.values()))
+
+    def record(self, pairs: Sequence[BVPOPair], status: Sequence[dict]) -> None:
+        with self.pairs_path.open("a", encoding="utf-8") as handle:
+            handle.writelines(p.to_json() + "\n" for p in pairs)
+        with self.status_path.open("a", encoding="utf-8") as handle:
+            for row in status:
+                self.done[(row["problem_id"], row["mode"])] = row
+                handle.write(json.dumps(row) + "\n")
+
+
+def _key(line: str) -> tuple[str, str] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row.get("problem_id"), row.get("mode")
+
+
+def build_bvpo_pairs(args: BVPODataArgs, engine, tokenizer, problems: Sequence[Problem], template: PromptTemplate,
+                     scorer: ResponseScorer) -> dict:
+    """Sample, score and pair every (problem, mode), resumable in `args.output_dir`; returns the summary."""
+    from tqdm.auto import tqdm
+
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes must be a comma list of {', '.join(MODES)}; got {args.modes!r}")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError("problem ids must be unique: progress is kept per problem id")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    state = BVPOProgress(out)
+    special = template.style != "chat"
+    todo = [(index, p, mode) for index, p in enumerate(problems) for mode in modes if (p.id, mode) not in state.done]
+    bar = tqdm(total=len(problems) * len(modes), initial=len(problems) * len(modes) - len(todo), desc="bvpo pairs",
+               unit="prompt")
+    step = args.batch_problems * len(modes)
+    for start in range(0, len(todo), step):
+        batch = todo[start:start + step]
+        requests = []
+        for index, problem, mode in batch:
+            prompt = mode_prompt(problem.question, mode, template, tokenizer, args.think_block)
+            budget = args.max_tokens if mode == "trace" else (args.empty_max_tokens or args.max_tokens)
+            # the seed depends on the problem's place and the mode only, so a resumed run samples the same
+            seed = args.seed + 7919 * (index + 1) + (0 if mode == "trace" else 104729)
+            requests.append(GenerationRequest(tokenizer(prompt, add_special_tokens=special)["input_ids"],
+                                              SamplingSettings(n=args.samples, temperature=args.temperature, top_p=args.top_p,
+                                                               max_tokens=budget, seed=seed, logprobs=False),
+                                              group=f"{problem.id}/{mode}"))
+        results = engine.generate(requests, progress=False)
+        flat_problems = [p for (_, p, _), r in zip(batch, results) for _ in r.completions]
+        flat_texts = [c.text for r in results for c in r.completions]
+        flat_scores = scorer.score(flat_problems, flat_texts) if flat_texts else []
+        pairs, status, at = [], [], 0
+        for (_, problem, mode), result in zip(batch, results):
+            completions = result.completions
+            scores, texts = flat_scores[at:at + len(completions)], [c.text for c in completions]
+            at += len(completions)
+            picked = pick_pair(scores, texts, args.min_gap)
+            row = {"problem_id": problem.id, "mode": mode, "samples": len(texts), "mean_score": sum(scores) / max(1, len(scores))}
+            if isinstance(picked, str):
+                status.append({**row, "pairs": 0, "status": picked})
+                continue
+            best, worst = picked
+            pairs.append(BVPOPair(prompt=problem.question, chosen=texts[best], rejected=texts[worst], mode=mode,
+                                  problem_id=problem.id, answer=problem.answer, chosen_score=scores[best],
+                                  rejected_score=scores[worst],
+                                  extra={"scorer": scorer.name, "chosen_finish": completions[best].finish_reason,
+                                         "rejected_finish": completions[worst].finish_reason}))
+            status.append({**row, "pairs": 1, "status": "pair"})
+        state.record(pairs, status)
+        bar.update(len(batch))
+    bar.close()
+    return summarise(state, problems, modes, out)
+
+
+def summarise(state: BVPOProgress, problems: Sequence[Problem], modes: Sequence[str], out: Path) -> dict:
+    """Pairs per mode, why the other prompts gave none, and the mean score per mode (the policy's accuracy
+    in that mode when the scorer is the gold answer)."""
+    ids = {p.id for p in problems}
+    summary: dict = {"problems": len(problems), "pairs_file": str(state.pairs_path)}
+    for mode in modes:
+        rows = [r for (pid, m), r in state.done.items() if m == mode and pid in ids]
+        why = Counter(r["status"] for r in rows if r["status"] != "pair")
+        summary[mode] = {"pairs": sum(r["pairs"] for r in rows), "why_no_pairs": dict(why),
+                         "mean_sample_score": sum(r["mean_score"] for r in rows) / max(1, len(rows))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
