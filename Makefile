@@ -9,7 +9,7 @@ env:
 
 # The main job on the embedded default (the arith proving ground).
 main: env
-	$(PY) launch/main.py --config configs/arith/main.yaml $(ARGS)
+	$(PY) launch/main.py --config configs/main/arith.yaml $(ARGS)
 
 # The test suite (what CI runs).
 test: env

@@ -2,7 +2,7 @@
 training problems -> step pairs -> cDPO with visit-count label smoothing), greedy accuracy on 500
 arith test problems before and after every round, pairs per round, and each round's time split
 into search and training. Several settings ("variants") can be run side by side; each one is a
-full, resumable run of `launch/mcts_dpo.py --config configs/arith/mcts_dpo.yaml` plus overrides.
+full, resumable run of `launch/mcts_dpo.py --config configs/mcts_dpo/arith.yaml` plus overrides.
 
     python benchmarks/mcts_dpo_arith.py --output mcts_dpo_arith.json [--variants cdpo,cdpo_sft] [--workdir DIR]
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> overrides of configs/arith/mcts_dpo.yaml
+# name -> overrides of configs/mcts_dpo/arith.yaml
 VARIANTS: dict[str, list[str]] = {
     "cdpo": [],  # the recipe: beta 0.5, lr 5e-6, k = 2, 512 problems a round, checker inside, correct-only
     "cdpo_k4_1000": ["--search_width", "4", "--problems_per_round", "1000"],
@@ -32,7 +32,7 @@ VARIANTS: dict[str, list[str]] = {
 def run_variant(name: str, out: Path, a) -> dict:
     from treetune.trainers.mcts_dpo.loop import main as mcts_dpo
 
-    argv = ["--config", str(ROOT / "configs/arith/mcts_dpo.yaml"), "--output_dir", str(out), "--rounds", str(a.rounds),
+    argv = ["--config", str(ROOT / "configs/mcts_dpo/arith.yaml"), "--output_dir", str(out), "--rounds", str(a.rounds),
             "--eval_limit", str(a.eval_problems), "--disable_tqdm", "true", *VARIANTS[name]]
     started = time.perf_counter()
     metrics = mcts_dpo(argv)
@@ -65,7 +65,7 @@ def main() -> None:
     output = Path(a.output)
     result = json.loads(output.read_text()) if output.exists() else {}
     result.setdefault("variants", {})
-    result["settings"] = {"rounds": a.rounds, "eval_problems": a.eval_problems, "recipe": "configs/arith/mcts_dpo.yaml",
+    result["settings"] = {"rounds": a.rounds, "eval_problems": a.eval_problems, "recipe": "configs/mcts_dpo/arith.yaml",
                           "policy": "arith tiny policy (treetune.data.arith.tiny_policy)"}
     for name in names:
         result["variants"][name] = run_variant(name, work / name, a)

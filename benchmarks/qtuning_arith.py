@@ -4,7 +4,7 @@ and against the paper's random baseline at the same budgets, from the same start
 greedy accuracy on 500 arith test problems (vLLM), the backward-pass tokens each arm used, and
 wall time.
 
-The data, and why: the tiny policy learnt arith from generator seed 0 (configs/arith/policy.yaml,
+The data, and why: the tiny policy learnt arith from generator seed 0 (configs/sft/arith.yaml,
 the first 64000 training problems), so the SFT set here is training-split problems from seed 1
 with every question of the policy's own set removed: worked solutions new to the model. Real SFT
 sets carry mistakes, and that is where the paper places Q-Tuning's gain (Q1 "harmful noise",
@@ -205,7 +205,7 @@ def selection_diagnostic(policy: str, records: list[dict], a) -> dict:
 
 def train(arm: str, data: Path, out: Path, a) -> dict:
     sample_ratio, token_ratio = {**ARMS, **ABLATIONS}[arm]
-    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "arith" / "qtuning_sft.yaml"),
+    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "arith" / "qtuning_sft/smollm2-1.7b.yaml"),
                "--dataset_source", "records", "--dataset_path", str(data), "--num_train_examples", str(a.train_problems),
                "--output_dir", str(out), "--sample_ratio", str(sample_ratio), "--token_ratio", str(token_ratio),
                "--num_train_epochs", str(a.epochs), "--learning_rate", str(a.learning_rate),

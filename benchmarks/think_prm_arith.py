@@ -2,8 +2,8 @@
 exact checker on held-out tiny-policy solutions, its per-step verdict agreement, and best-of-16
 with it against majority@16 on arith test problems.
 
-    python launch/think_prm_data.py --config configs/think_prm/arith.yaml
-    python launch/sft.py --config configs/think_prm/arith_sft.yaml
+    python launch/think_prm_data.py --config configs/think_prm_data/arith.yaml
+    python launch/sft.py --config configs/sft/arith_think_prm.yaml
     python benchmarks/think_prm_arith.py --verifier outputs/think_prm/round1 --output think_prm_arith.json
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,19 @@ def load_problems(
     if report.skipped:
         log.warning("%s: %s", path or source, report.summary())
     return problems
+
+
+@dataclass
+class ProblemArgs:
+    """Which problems a job reads: the recipe part every job and trainer shares."""
+
+    source: str = field(default="arith", metadata={"help": "Problem source: " + ", ".join(SOURCES) + "."})
+    split: str = field(default="test", metadata={"help": "Split to read: train, test (or validation for arith)."})
+    data_path: str | None = field(default=None, metadata={
+        "help": "A local JSON/JSONL file in the source's layout (the same rows the hub serves); empty loads the "
+                "hub dataset by name."})
+    limit: int | None = field(default=None, metadata={"help": "Read only the first N problems; empty reads all."})
+    problem_seed: int = field(default=0, metadata={"help": "Generator seed of the arith source (other sources ignore it)."})
+
+    def load(self) -> list[Problem]:
+        return load_problems(self.source, self.split, path=self.data_path, limit=self.limit, seed=self.problem_seed)

@@ -1,7 +1,7 @@
 """Best-of-N evaluation: sample N solutions per problem, grade them, sweep N and selectors.
 
-    python launch/best_of_n.py --config configs/eval/arith.yaml [--field value ...]
-    python launch/best_of_n.py --config configs/eval/arith.yaml --generation beam --scorer arith_checker \
+    python launch/best_of_n.py --config configs/best_of_n/arith.yaml [--field value ...]
+    python launch/best_of_n.py --config configs/best_of_n/arith.yaml --generation beam --scorer arith_checker \
         --n 16 --search_width 4 --selectors search_pick,majority     # or dvts / mcts, --scorer PRM_FOLDER
 
 Writes to --output_dir: trees/ (the samples, resumable), problems.jsonl (samples, answers, grades,

@@ -1,9 +1,9 @@
 """BVPO training (a TRL DPOTrainer mixing a trace and an empty-trace DPO loss):
 
     accelerate launch [--config_file configs/accelerate/zero2.yaml] launch/bvpo.py \
-        --config configs/bvpo.yaml --pairs outputs/bvpo_data/r1-1.5b/pairs.jsonl
+        --config configs/bvpo/r1-distill-qwen-1.5b.yaml --pairs outputs/bvpo_data/r1-1.5b/pairs.jsonl
 
-With no model it trains the arith dual-mode tiny policy (`configs/arith/bvpo.yaml`). `--bvpo_alpha`
+With no model it trains the arith dual-mode tiny policy (`configs/bvpo/arith.yaml`). `--bvpo_alpha`
 takes a number or `auto`. All logic lives in `treetune.trainers.bvpo.trainer`; every TRL DPOConfig /
 ModelConfig field is a flag (`--help`).
 """

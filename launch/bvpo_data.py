@@ -1,4 +1,4 @@
-"""BVPO pairs in both modes from a policy's own samples: `python launch/bvpo_data.py --config configs/arith/bvpo_data.yaml`.
+"""BVPO pairs in both modes from a policy's own samples: `python launch/bvpo_data.py --config configs/bvpo_data/arith.yaml`.
 
 Per prompt and mode (trace on, trace off by an empty think block) it samples `--samples` responses
 with vLLM, scores them (`--scorer gold | reward_model | arith_checker | prm`) and keeps best against

@@ -1,7 +1,7 @@
 """Reasoning trees -> GroundedPRM training data: tool-checked steps, hybrid reward backed up through
 the tree, the agreement filter, and rationale-format SFT records for a generative PRM.
 
-    python launch/grounded_prm_data.py --config configs/grounded_prm_data.yaml [--field value ...]
+    python launch/grounded_prm_data.py --config configs/grounded_prm_data/arith.yaml [--field value ...]
 
 Any sampler works: TreePO segment trees and flat samples are split into steps afterwards; with
 `--sampler mcts` (or beam / dvts) the search itself is driven by the tool's step verdicts (and
@@ -12,7 +12,7 @@ Writes to --output_dir: `trees/` (the sampler's trees, graded; resumable), `step
 "grounded_visits"), `rationale.jsonl` (prompt / completion / messages records), `config.json`
 and `metrics.json`. Train the generative PRM on the records with the SFT recipe:
 
-    accelerate launch launch/sft.py --config configs/arith/policy.yaml --dataset_source records \\
+    accelerate launch launch/sft.py --config configs/sft/arith.yaml --dataset_source records \\
         --dataset_path OUT/rationale.jsonl --model_name_or_path MODEL --max_length 2048 --output_dir PRM
 """
 

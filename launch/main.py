@@ -1,6 +1,6 @@
 """The main job on the embedded default: the whole loop, stage by stage, with a report.
 
-    python launch/main.py --config configs/arith/main.yaml [--field value ...]
+    python launch/main.py --config configs/main/arith.yaml [--field value ...]
 
 policy (the arith tiny policy, built on first use) -> evaluation before (greedy, best-of-N) ->
 TreePO trees on training problems -> PRM labels (Monte Carlo, consensus with the checker) and a

@@ -1,8 +1,8 @@
 """MCTS-DPO: rounds of MCTS with the current policy (vLLM), step pairs from the trees, and
 conservative DPO with per-pair label smoothing from the visit counts.
 
-    python launch/mcts_dpo.py --config configs/arith/mcts_dpo.yaml
-    python launch/mcts_dpo.py --config configs/mcts_dpo.yaml --model_name_or_path <SFT model> \
+    python launch/mcts_dpo.py --config configs/mcts_dpo/arith.yaml
+    python launch/mcts_dpo.py --config configs/mcts_dpo/arithmo2-mistral-7b.yaml --model_name_or_path <SFT model> \
         --accelerate_config configs/accelerate/zero3.yaml
 
 A stopped run, restarted with the same --output_dir, resumes in the round it stopped in. All logic

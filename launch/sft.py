@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (TRL SFTTrainer): `accelerate launch launch/sft.py --config configs/arith/policy.yaml`.
+"""Supervised fine-tuning (TRL SFTTrainer): `accelerate launch launch/sft.py --config configs/sft/arith.yaml`.
 
 All logic lives in `treetune.trainers.sft.trainer`; see its recipe fields with `--help`.
 """

@@ -1,4 +1,4 @@
-"""Step-DPO pairs from a policy's own samples: `python launch/step_dpo_data.py --config configs/step_dpo_data.yaml`.
+"""Step-DPO pairs from a policy's own samples: `python launch/step_dpo_data.py --config configs/step_dpo_data/arith.yaml`.
 
 Writes to --output_dir: `samples/trees/` (the sampled solutions), `pairs.jsonl` (the public
 Step-DPO record plus provenance), `status.jsonl` (per problem: pairs made, or why none) and

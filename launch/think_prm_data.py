@@ -2,11 +2,11 @@
 checker), get verification chains (a checker-filled template on arith, or sampled from a verifier),
 keep chains whose every verdict matches the gold labels, balance, and write SFT records.
 
-    python launch/think_prm_data.py --config configs/think_prm/arith.yaml
-    accelerate launch launch/sft.py --config configs/think_prm/arith_sft.yaml
+    python launch/think_prm_data.py --config configs/think_prm_data/arith.yaml
+    accelerate launch launch/sft.py --config configs/sft/arith_think_prm.yaml
 
 A later round samples its chains from the verifier just trained:
-    python launch/think_prm_data.py --config configs/think_prm/arith.yaml --chain_source verifier \
+    python launch/think_prm_data.py --config configs/think_prm_data/arith.yaml --chain_source verifier \
         --verifier_path outputs/think_prm/round1 --output_dir outputs/think_prm_data/round2
 """
 

@@ -1,4 +1,4 @@
-"""Train a discriminative PRM: `accelerate launch launch/train_prm.py --config configs/prm/arith.yaml`.
+"""Train a discriminative PRM: `accelerate launch launch/train_prm.py --config configs/train_prm/arith.yaml`.
 
 All logic lives in `treetune.trainers.prm.train`; see its fields with `--help`.
 """

@@ -16,7 +16,7 @@ SMALL = ["--eval_problems", "12", "--bon_problems", "6", "--n", "4", "--train_pr
 
 
 def run_main(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/main.py", "--config", "configs/arith/main.yaml", "--output_dir", str(out), *SMALL],
+    return subprocess.run([sys.executable, "launch/main.py", "--config", "configs/main/arith.yaml", "--output_dir", str(out), *SMALL],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
 
 

@@ -142,7 +142,7 @@ def one_round(tmp_path_factory, tiny_policy_path):
     from treetune.trainers.mcts_dpo.loop import main
 
     out = tmp_path_factory.mktemp("mcts_dpo")
-    argv = ["--config", str(ROOT / "configs/arith/mcts_dpo.yaml"), "--output_dir", str(out), "--problems_per_round", "24",
+    argv = ["--config", str(ROOT / "configs/mcts_dpo/arith.yaml"), "--output_dir", str(out), "--problems_per_round", "24",
             "--mcts_iterations", "3", "--search_width", "2", "--eval_limit", "0", "--kv_cache_gb", "0.25",
             "--per_device_train_batch_size", "4", "--learning_rate", "1e-4", "--disable_tqdm", "true",
             "--correct_only", "false"]

@@ -166,7 +166,7 @@ def test_fused_prm_under_zero3_with_two_processes(tmp_path, tiny_policy_path):
     write_stepwise(arith_records(256, 1), tmp_path / "labels.jsonl")
     out = tmp_path / "prm"
     command = launch_command(ROOT / "configs" / "accelerate" / "zero3.yaml",
-                             ["launch/train_prm.py", "--config", "configs/prm/arith.yaml", "--train_file", str(tmp_path / "labels.jsonl"),
+                             ["launch/train_prm.py", "--config", "configs/train_prm/arith.yaml", "--train_file", str(tmp_path / "labels.jsonl"),
                               "--output_dir", str(out), "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
                               "--disable_tqdm", "true"], num_processes=2)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,

@@ -205,7 +205,7 @@ def test_pruned_tokens_get_no_gradient(tmp_path, tiny_policy_path):
 
 
 def _launch(out: Path, *flags: str) -> dict:
-    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "arith" / "qtuning_sft.yaml"),
+    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "arith" / "qtuning_sft/smollm2-1.7b.yaml"),
                "--num_train_examples", "48", "--max_steps", "3", "--gradient_accumulation_steps", "2",
                "--logging_steps", "1", "--disable_tqdm", "true", "--output_dir", str(out), *flags]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -295,7 +295,7 @@ def test_qtuning_under_deepspeed_zero3_with_two_processes(tmp_path, tiny_policy_
     out = tmp_path / "zero3"
     command = launch_command(ROOT / "configs" / "accelerate" / "zero3.yaml", [str(ROOT / "launch" / "qtuning_sft.py")],
                              num_processes=2)
-    command += ["--config", str(ROOT / "configs" / "arith" / "qtuning_sft.yaml"), "--num_train_examples", "64",
+    command += ["--config", str(ROOT / "configs" / "arith" / "qtuning_sft/smollm2-1.7b.yaml"), "--num_train_examples", "64",
                 "--max_steps", "2", "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true",
                 "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out)]
     env = dict(os.environ, TREETUNE_LOG="WARNING", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

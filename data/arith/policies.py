@@ -1,5 +1,5 @@
-"""Building and caching the arith policies: the tiny policy (`configs/arith/policy.yaml` run through
-the SFT recipe) and the dual-mode policy BVPO needs (`configs/arith/dual_mode_policy.yaml`).
+"""Building and caching the arith policies: the tiny policy (`configs/sft/arith.yaml` run through
+the SFT recipe) and the dual-mode policy BVPO needs (`configs/sft/arith_dual_mode.yaml`).
 
 The build runs in a child process (`python -m treetune.trainers.sft.trainer`), so a caller inside a
 distributed job or a test session keeps its own torch and accelerate state, and the child sees no
@@ -25,8 +25,8 @@ from treetune.data.arith.problems import GENERATOR_VERSION, arith_problems
 from treetune.data.bvpo_pairs import mode_prompt
 from treetune.data.prompts import PromptTemplate
 
-RECIPE = "arith/policy.yaml"
-DUAL_MODE_RECIPE = "arith/dual_mode_policy.yaml"
+RECIPE = "sft/arith.yaml"
+DUAL_MODE_RECIPE = "sft/arith_dual_mode.yaml"
 RECORDS_VERSION = 1  # bump when dual_mode_records changes
 _DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
@@ -41,9 +41,16 @@ def recipe_path(name: str = RECIPE) -> Path:
     return Path(str(resources.files("treetune.configs").joinpath(name)))
 
 
+def recipe_digest(text: str) -> str:
+    """The recipe's fields, canonically written: comments and layout do not change a build."""
+    import yaml
+
+    return json.dumps(yaml.safe_load(text), sort_keys=True)
+
+
 def policy_key() -> str:
     text = recipe_path().read_text()
-    return hashlib.sha256(f"{GENERATOR_VERSION}\n{text}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{GENERATOR_VERSION}\n{recipe_digest(text)}".encode()).hexdigest()[:12]
 
 
 def build_cached(target: Path, what: str, sft_args: Callable[[Path], list[str]], quiet: bool = False) -> str:
@@ -93,7 +100,7 @@ def dual_mode_records(problems: int, seed: int = 0) -> list[dict[str, str]]:
     
     BVPO mixes a DPO estimator on responses generated with the reasoning trace and one on responses
     generated with the trace disabled (an empty think block after the prompt). The tiny arith policy
-    only knows the first mode, so this continues its SFT (`configs/arith/dual_mode_policy.yaml`) on one
+    only knows the first mode, so this continues its SFT (`configs/sft/arith_dual_mode.yaml`) on one
     record of each mode per problem:
     - trace: "question\\n" -> the gold steps and "The answer is \\boxed{N}" (the tiny policy's own format,
       so the exact step checker still reads its solutions);
@@ -118,7 +125,7 @@ def dual_mode_policy(cache_dir: str | Path | None = None, quiet: bool = False) -
     base = tiny_policy(cache_dir, quiet=quiet)
     root = Path(cache_dir) if cache_dir else cache_root()
     text = recipe_path(DUAL_MODE_RECIPE).read_text()
-    key = hashlib.sha256(f"{Path(base).name}\n{RECORDS_VERSION}\n{text}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{Path(base).name}\n{RECORDS_VERSION}\n{recipe_digest(text)}".encode()).hexdigest()[:12]
 
     def sft_args(staging: Path) -> list[str]:
         recipe = yaml.safe_load(text)

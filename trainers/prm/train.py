@@ -1,6 +1,6 @@
 """`launch/train_prm.py`: train a discriminative PRM on stepwise records.
 
-    accelerate launch launch/train_prm.py --config configs/prm/arith.yaml [--field value ...]
+    accelerate launch launch/train_prm.py --config configs/train_prm/arith.yaml [--field value ...]
 
 Data: a JSONL of TRL-style records {prompt, completions, labels} (or Math-Shepherd / PRM800K rows
 with `--data_format`). The backbone is any causal-LM checkpoint (the tiny policy by default); its

@@ -26,7 +26,7 @@ Choices where the paper is silent, each deliberate:
 Logged every `logging_steps`: quadrant counts per optimizer step, kept-sample and kept-token
 shares, top-ups, and running totals of backward-pass tokens (kept sequence tokens that went
 through forward + backward), loss tokens, and scoring-pass tokens.
-Run it as `accelerate launch launch/qtuning_sft.py --config configs/qtuning_sft.yaml`.
+Run it as `accelerate launch launch/qtuning_sft.py --config configs/qtuning_sft/smollm2-1.7b.yaml`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ One recipe serves two cases:
 
 Training records are prompt/completion pairs: the prompt is the problem rendered by a prompt
 template, the completion its gold solution, so the loss covers the solution tokens only.
-Run it as `accelerate launch launch/sft.py --config configs/arith/policy.yaml [--field value ...]`.
+Run it as `accelerate launch launch/sft.py --config configs/sft/arith.yaml [--field value ...]`.
 """
 
 from __future__ import annotations
