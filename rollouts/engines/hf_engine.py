@@ -16,17 +16,18 @@ from treetune.rollouts.engines.base import (
     RequestResult,
     fit_max_tokens,
     no_room,
+    resolve_dtype,
 )
 
 
 class HFEngine:
-    def __init__(self, model: str, dtype: str = "float32", device: str | None = None):
+    def __init__(self, model: str, dtype: str = "auto", device: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, resolve_dtype(dtype))).to(self.device).eval()
         self.eos_ids = {self.tokenizer.eos_token_id} | set(
             i for i in ([self.model.generation_config.eos_token_id] if isinstance(self.model.generation_config.eos_token_id, int)
                         else (self.model.generation_config.eos_token_id or [])) if i is not None)

