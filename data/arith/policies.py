@@ -5,8 +5,12 @@ The build runs in a child process (`python -m treetune.trainers.sft.trainer`), s
 distributed job or a test session keeps its own torch and accelerate state, and the child sees no
 distributed environment. A file lock makes concurrent callers wait for one build; the result is
 written to a temporary folder and renamed into place only when complete, so a killed build is
-never mistaken for a finished one. The cache key is the recipe's text and the arith generator's
+never mistaken for a finished one. The cache key is the recipe's fields and the arith generator's
 version: change either and a new policy is built.
+
+The tiny policy itself ships with treetune (`tiny_policy/`, 3.3 MB, with the key of the recipe it
+was built from and its measured accuracy in `build.json`), so every machine starts from the same
+policy; `tiny_policy(rebuild=True)` builds one here instead, and `ship()` replaces the shipped one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -80,28 +85,74 @@ def build_cached(target: Path, what: str, sft_args: Callable[[Path], list[str]],
     return str(build_once(target, build))
 
 
-def tiny_policy(cache_dir: str | Path | None = None, quiet: bool = False) -> str:
-    """Path of the tiny arith policy, built on first call (about 4 minutes on 2 CPU cores) and cached."""
+SHIPPED = Path(__file__).resolve().parent / "tiny_policy"  # the build treetune ships (package data)
+REBUILD_ENV = "TREETUNE_REBUILD_TINY_POLICY"
+
+
+def shipped_policy() -> Path | None:
+    """The tiny policy shipped with treetune, if it was built from the current recipe."""
+    info = SHIPPED / "build.json"
+    if not info.exists():
+        return None
+    built = json.loads(info.read_text())
+    if built.get("policy_key") != policy_key():
+        print(f"[treetune] the shipped tiny policy was built from another recipe ({built.get('policy_key')}, "
+              f"now {policy_key()}); building one here", file=sys.stderr)
+        return None
+    return SHIPPED
+
+
+def tiny_policy(cache_dir: str | Path | None = None, quiet: bool = False, rebuild: bool | None = None) -> str:
+    """Path of the tiny arith policy.
+
+    By default the build shipped with treetune, so every machine starts from the same policy and
+    every figure measured on it reproduces (a build's stopping point moves with the machine: earlier
+    builds started at 47.8% to 63.0% greedy). With `rebuild` (or TREETUNE_REBUILD_TINY_POLICY=1), or
+    when the recipe no longer matches the shipped build, it is built here on first call (about 5
+    minutes on 2 CPU cores) and cached.
+    """
+    if rebuild is None:
+        rebuild = os.environ.get(REBUILD_ENV, "") not in ("", "0", "false")
+    if not rebuild and cache_dir is None and (shipped := shipped_policy()) is not None:
+        return str(shipped)
     root = Path(cache_dir) if cache_dir else cache_root()
     target = root / f"tiny-policy-{policy_key()}"
     return build_cached(target, "arith tiny policy",
                         lambda staging: ["--config", str(recipe_path()), "--output_dir", str(staging)], quiet)
 
 
-def dual_mode_records(problems: int, seed: int = 0) -> list[dict[str, str]]:
-    """The arith tiny policy taught both BVPO modes (with steps, and answer-only), built and cached.
-    
-    BVPO mixes a DPO estimator on responses generated with the reasoning trace and one on responses
-    generated with the trace disabled (an empty think block after the prompt). The tiny arith policy
-    only knows the first mode, so this continues its SFT (`configs/sft/arith_dual_mode.yaml`) on one
-    record of each mode per problem:
-    - trace: "question\\n" -> the gold steps and "The answer is \\boxed{N}" (the tiny policy's own format,
-      so the exact step checker still reads its solutions);
-    - empty: "question\\n" + EMPTY_THINK -> "The answer is \\boxed{N}" (answer only).
-    The build runs in a child process with a file lock and an atomic rename, like `tiny_policy()`; the
-    cache key covers the base policy, the recipe and the record format.
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja")
 
-    Prompt/completion records, one trace and one answer-only record per arith train problem."""
+
+def ship(built: str | Path, measured: dict) -> Path:
+    """Copy a local build into the package as the shipped tiny policy, with its recipe key and what
+    was measured on it (`measured`: e.g. greedy accuracy on the test problems)."""
+    built = Path(built)
+    SHIPPED.mkdir(exist_ok=True)
+    for name in SHIPPED_FILES:
+        if (built / name).exists():
+            shutil.copyfile(built / name, SHIPPED / name)
+    train = next((json.loads((built / f).read_text()) for f in ("metrics.json", "train_metrics.json")
+                  if (built / f).exists()), {})
+    info = {"policy_key": policy_key(), "generator_version": GENERATOR_VERSION, "recipe": RECIPE,
+            "steps": train.get("steps"), "held_out_accuracy": train.get("held_out_accuracy"),
+            "num_parameters": train.get("num_parameters"), **measured}
+    (SHIPPED / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    return SHIPPED
+
+
+def dual_mode_records(problems: int, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt/completion records of the dual-mode policy, one of each BVPO mode per arith train problem.
+
+    BVPO mixes a DPO estimator on responses generated with the reasoning trace and one on responses
+    generated with the trace disabled (an empty think block after the prompt). The tiny policy only
+    knows the first mode, so the dual-mode policy continues its SFT (`configs/sft/arith_dual_mode.yaml`)
+    on these records:
+    - trace: "question\\n" -> the gold steps and "The answer is \\boxed{N}" (the tiny policy's own
+      format, so the exact step checker still reads its solutions);
+    - empty: "question\\n" + EMPTY_THINK -> "The answer is \\boxed{N}" (answer only).
+    """
     template = PromptTemplate(style="bare")
     records = []
     for p in arith_problems("train", limit=problems, seed=seed):
@@ -112,13 +163,16 @@ def dual_mode_records(problems: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def dual_mode_policy(cache_dir: str | Path | None = None, quiet: bool = False) -> str:
-    """Path of the dual-mode tiny policy (a Qwen2 model vLLM loads), built on first call and cached."""
+    """Path of the dual-mode tiny policy (a Qwen2 model vLLM loads), built on first call and cached;
+    the cache key covers the base policy, the recipe and the record format."""
     import yaml
 
     base = tiny_policy(cache_dir, quiet=quiet)
     root = Path(cache_dir) if cache_dir else cache_root()
     text = recipe_path(DUAL_MODE_RECIPE).read_text()
-    key = hashlib.sha256(f"{Path(base).name}\n{RECORDS_VERSION}\n{recipe_digest(text)}".encode()).hexdigest()[:12]
+    # the shipped base and the cached one it was copied from are the same model; a rebuilt base is not
+    base_id = f"tiny-policy-{policy_key()}" + ("" if Path(base) == SHIPPED else "-rebuilt")
+    key = hashlib.sha256(f"{base_id}\n{RECORDS_VERSION}\n{recipe_digest(text)}".encode()).hexdigest()[:12]
 
     def sft_args(staging: Path) -> list[str]:
         recipe = yaml.safe_load(text)
