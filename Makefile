@@ -2,7 +2,7 @@
 # afterwards: scripts/setup_env.sh reinstalls only when pyproject.toml changes).
 PY := .venv/bin/python
 
-.PHONY: main test env
+.PHONY: main test test-fast env
 
 env:
 	@bash scripts/setup_env.sh
@@ -14,3 +14,8 @@ main: env
 # The test suite (what CI runs).
 test: env
 	$(PY) -m pytest tests $(ARGS)
+
+# The developer loop: every test except those marked slow (they start vLLM, train a model or launch
+# a job's processes), in a few minutes. `make test` still runs them all.
+test-fast: env
+	$(PY) -m pytest tests -m "not slow" $(ARGS)

@@ -23,20 +23,23 @@ def main() -> None:
 
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
-    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, rollout_args, sample
+    from treetune.rewards.evaluation.best_of_n import evaluate_leaves, problem_trees, sample_graded, write_report
     from treetune.rewards.grading import Grader
-    from treetune.rollouts.run import make_engine
+    from treetune.rollouts.run import RolloutArgs, make_engine
     from treetune.rollouts.tree_io import read_trees
 
+    selectors = ["first", "majority", "max_logprob"]
+
     with tempfile.TemporaryDirectory() as scratch:
-        run = BestOfNArgs(output_dir=args.workdir or scratch, limit=args.problems, n=args.n, max_tokens=128)
+        run = RolloutArgs(output_dir=args.workdir or scratch, limit=args.problems, sampler="flat", trajectories=args.n,
+                          max_tokens=128)
         problems = load_problems("arith", "test", limit=args.problems)
         result: dict = {"problems": len(problems), "n": args.n}
         with Grader() as grader:
-            engine = make_engine(rollout_args(run), tiny_policy())
+            engine = make_engine(run, tiny_policy())
             try:
                 started = time.perf_counter()
-                summary = sample(run, engine, problems, PromptTemplate(style="bare"), grader)
+                summary = sample_graded(run, engine, problems, PromptTemplate(style="bare"), grader)
                 result["sampling_seconds"] = round(time.perf_counter() - started, 1)
                 result["samples_per_second"] = summary["trajectories"] / result["sampling_seconds"]
             finally:
@@ -53,7 +56,8 @@ def main() -> None:
                 strict.grade_many(outputs[:2000], golds[:2000])
                 result["grading_answers_per_second_all_through_math_verify"] = 2000 / (time.perf_counter() - started)
             started = time.perf_counter()
-            metrics = evaluate_trees(run, problems, grader)
+            metrics, rows = evaluate_leaves(problem_trees(Path(run.output_dir) / "trees", problems), problems, selectors, grader)
+            write_report(run.output_dir, metrics, rows, selectors, f"best-of-N on arith ({len(rows)} problems)")
             result["evaluation_seconds"] = round(time.perf_counter() - started, 1)
         result["pass_at_k"] = metrics["pass_at_k"]
         result["selectors"] = metrics["selectors"]

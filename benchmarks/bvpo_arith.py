@@ -109,7 +109,8 @@ def main() -> None:
     from treetune.data.arith import dual_mode_policy
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
-    from treetune.trainers.bvpo.pairs import BVPODataArgs, build_bvpo_pairs, make_scorer
+    from treetune.launch.bvpo_data import BVPODataArgs
+    from treetune.trainers.bvpo.pairs import build_bvpo_pairs, response_scorer
     from treetune.trainers.bvpo.trainer import main as bvpo
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bvpo_arith_"))
@@ -123,9 +124,10 @@ def main() -> None:
                              max_tokens=128, empty_max_tokens=32, batch_problems=128)
     started = time.perf_counter()
     with Grader() as grader, VLLMEngine(policy) as engine:
-        result["pairs"] = build_bvpo_pairs(data_args, engine, engine.tokenizer,
+        result["pairs"] = build_bvpo_pairs(data_args.output_dir, engine, engine.tokenizer,
                                            load_problems("arith", "train", limit=a.train_problems),
-                                           PromptTemplate(style="bare"), make_scorer(data_args, grader))
+                                           PromptTemplate(style="bare"), response_scorer(data_args.scorer, grader=grader),
+                                           data_args, data_args, batch_problems=data_args.batch_problems)
     result["pairs"]["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result["pairs"], indent=2), flush=True)
     pairs_file = result["pairs"]["pairs_file"]

@@ -33,7 +33,7 @@ ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 def arith_part(args) -> dict:
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
-    from treetune.launch.eval_prm import arith_cases
+    from treetune.rewards.evaluation.processbench import arith_cases
     from treetune.rewards.scorers.tool import StepTool
     from treetune.rollouts.engines import VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings

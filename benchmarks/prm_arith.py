@@ -37,9 +37,8 @@ def main() -> None:
     from transformers import TrainingArguments
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import check_solution, tiny_policy
-    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, sample
-    from treetune.launch.eval_prm import arith_cases
-    from treetune.rewards.evaluation.processbench import evaluate_splits
+    from treetune.rewards.evaluation.best_of_n import evaluate_leaves, problem_trees, sample_graded, write_report
+    from treetune.rewards.evaluation.processbench import arith_cases, evaluate_splits, sample_arith_trees
     from treetune.rewards.grading import Grader
     from treetune.rewards.labels.formats import write_stepwise
     from treetune.rewards.labels.mc import consensus, mc_estimate, to_stepwise
@@ -48,9 +47,11 @@ def main() -> None:
     from treetune.rewards.scorers.fusion import FUSION_FILE
     from treetune.rollouts.engines import VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings
-    from treetune.rollouts.run import new_tree
-    from treetune.trainers.prm.train import PRMScriptArguments, split_holdout
-    from treetune.trainers.prm.train import run as train_prm
+    from treetune.rollouts.run import RolloutArgs, new_tree
+    from treetune.trainers.prm.config import PRMScriptArguments
+    from treetune.trainers.prm.fusion import split_holdout
+    from treetune.trainers.prm.trainer import run as train_prm
+    from trl import ModelConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prm_arith_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -97,11 +98,12 @@ def main() -> None:
                                      save_strategy="no", report_to=[], seed=0, disable_tqdm=True, remove_unused_columns=False,
                                      bf16=False)
         started = time.perf_counter()
-        prm_dir = train_prm(PRMScriptArguments(train_file=str(work / "mc_hard.jsonl"), max_length=256, likelihood_fusion=True), training)
+        prm_dir = train_prm(PRMScriptArguments(train_file=str(work / "mc_hard.jsonl"), max_length=256, likelihood_fusion=True), training,
+                           ModelConfig())
         result["prm_training_seconds"] = round(time.perf_counter() - started, 1)
         result["prm_training_records"] = len(records)
         result["prm_training_labels"] = f"hard MC, {args.labels}, " + ("truncated at the first error" if args.truncate_at_error else "all steps")
-        train_metrics = json.loads((prm_dir / "train_metrics.json").read_text())
+        train_metrics = json.loads((prm_dir / "metrics.json").read_text())
         result["fusion"] = {"held_out_records": train_metrics["fusion_records"], **train_metrics["fusion"]}
         # the same head without the fusion, for the ablation
         head_dir = work / "prm_head_only"
@@ -109,20 +111,21 @@ def main() -> None:
         shutil.copytree(prm_dir, head_dir, ignore=shutil.ignore_patterns(FUSION_FILE))
 
         # Held-out F1 against the checker on fresh samples of test problems.
-        from treetune.launch.eval_prm import sample_arith_trees
-
         eval_trees = sample_arith_trees(args.eval_problems, seed=1)
         questions, steps, labels = arith_cases(eval_trees)
         n_steps = sum(len(s) for s in steps)
-        bon = BestOfNArgs(output_dir=str(work / "bon"), limit=args.eval_problems, n=16, max_tokens=128, seed=2)
+        bon = RolloutArgs(output_dir=str(work / "bon"), limit=args.eval_problems, sampler="flat", trajectories=16,
+                          max_tokens=128, seed=2)
         problems = load_problems("arith", "test", limit=args.eval_problems)
         with VLLMEngine(tiny_policy()) as engine:
-            sample(bon, engine, problems, template, grader)
+            sample_graded(bon, engine, problems, template, grader)
+        bon_trees = problem_trees(work / "bon" / "trees", problems)
         # a threshold chosen without the test set: the best on the fusion's held-out training
         # solutions, whose consensus-filtered MC labels equal the checker's
         _, held = split_holdout(records, 0.1, 0)
         held_truth = [next((i for i, label in enumerate(r["labels"]) if not label), -1) for r in held]
-        selectors = "majority,prm_last,prm_min,prm_product,weighted_prm_last,weighted_prm_min,weighted_prm_product,first"
+        selectors = ["majority", "prm_last", "prm_min", "prm_product", "weighted_prm_last", "weighted_prm_min",
+                     "weighted_prm_product", "first"]
         for variant, path in (("fused", prm_dir), ("head_only", head_dir)):
             prm = DiscriminativePRM(str(path))
             started = time.perf_counter()
@@ -138,9 +141,8 @@ def main() -> None:
                                                             [r["completions"] for r in held])},
                                          {"held": held_truth}, [float(t) for t in sweep])
             held_best = max(held_sweep, key=lambda t: held_sweep[t]["average_f1"])
-            metrics = evaluate_trees(BestOfNArgs(output_dir=str(work / f"bon_{variant}"), trees_path=str(work / "bon" / "trees"),
-                                                 limit=args.eval_problems, n=16, seed=2, selectors=selectors, prm_path=str(path)),
-                                     problems, grader)
+            metrics, rows = evaluate_leaves(bon_trees, problems, selectors, grader, scorer=prm, seed=2)
+            write_report(work / f"bon_{variant}", metrics, rows, selectors, f"best-of-16, {variant} PRM")
             best_of_16 = {name: metrics["selectors"][name]["16"]["accuracy"] for name in metrics["selectors"]}
             best_of_16["pass@16"] = metrics["pass_at_k"]["16"]
             best_prm = max((k for k in best_of_16 if "prm" in k), key=best_of_16.get)

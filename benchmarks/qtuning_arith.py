@@ -205,8 +205,8 @@ def selection_diagnostic(policy: str, records: list[dict], a) -> dict:
 
 def train(arm: str, data: Path, out: Path, a) -> dict:
     sample_ratio, token_ratio = {**ARMS, **ABLATIONS}[arm]
-    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "arith" / "qtuning_sft/smollm2-1.7b.yaml"),
-               "--dataset_source", "records", "--dataset_path", str(data), "--num_train_examples", str(a.train_problems),
+    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "qtuning_sft" / "arith.yaml"),
+               "--source", "records", "--data_path", str(data), "--limit", str(a.train_problems),
                "--output_dir", str(out), "--sample_ratio", str(sample_ratio), "--token_ratio", str(token_ratio),
                "--num_train_epochs", str(a.epochs), "--learning_rate", str(a.learning_rate),
                "--per_device_train_batch_size", str(a.batch_size), "--gradient_accumulation_steps", str(a.grad_accum),

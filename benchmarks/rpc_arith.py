@@ -1,10 +1,12 @@
 """RPC against self-consistency on arith with the tiny policy: accuracy against N for majority (SC),
-RPC and its ablations, and the smallest N at which RPC matches SC@N_max (the paper: half the samples).
+treetune's RPC (`rpc`), the authors' RPC (`rpc_reference`, their compute_rpc.py arithmetic) and the
+ablations between them, how often the two RPCs answer alike, and how much each one prunes.
 
     python benchmarks/rpc_arith.py --output rpc_arith.json [--problems 300] [--n 64] [--trees DIR]
 
 Samples go to DIR/trees (default outputs/rpc_arith, resumable), so a rerun skips sampling. Every
 N < N_max averages `--resamples` random subsets of each problem's samples; N_max uses them all.
+`rpc_reference` shares the credit of tied answers, as the authors' accuracy does.
 """
 
 from __future__ import annotations
@@ -13,29 +15,33 @@ import argparse
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 
-SELECTORS = ["majority", "rpc", "rpc_mean", "pc", "pc_mean", "rpc_code", "max_logprob"]
-LABELS = {"majority": "self-consistency (SC)", "rpc": "RPC (joint p, distinct)", "rpc_mean": "RPC (mean p, every path)",
-          "pc": "PC, no pruning", "pc_mean": "mean-p votes, no pruning", "rpc_code": "RPC as the authors' code (mean p, distinct)",
+SELECTORS = ["majority", "rpc", "rpc_reference", "rpc_mean", "pc", "pc_mean", "reference_votes_two_start", "max_logprob"]
+LABELS = {"majority": "self-consistency (SC)", "rpc": "treetune RPC (two-start fit, joint p, distinct)",
+          "rpc_reference": "authors' RPC (single-start fit, mean p, distinct)",
+          "rpc_mean": "two-start fit, mean p, every path", "pc": "PC, no pruning (joint p, distinct)",
+          "pc_mean": "mean-p votes, no pruning", "reference_votes_two_start": "authors' votes, treetune's two-start pruning",
           "max_logprob": "max mean log-prob"}
+BOLD = ("majority", "rpc", "rpc_reference")
 
 
 def register_ablations() -> None:
-    """`pc_mean`: `rpc_mean` without pruning (what pruning adds). `rpc_code`: the authors' code
-    exactly: pruning, then length-normalised p summed over distinct completion texts
-    (rewards/rpc.py explains why treetune's `rpc` sums joint probabilities instead)."""
+    """`pc_mean`: `rpc_mean` without pruning (what pruning adds). `reference_votes_two_start`: the
+    authors' votes (length-normalised p summed over distinct completion texts) after treetune's
+    two-start pruning, which separates the effect of the fit from that of the votes."""
     from treetune.rewards.selection.rpc import consistency_weights, prune_mask
     from treetune.rewards.selection.selectors import SELECTORS as REGISTRY
     from treetune.rewards.selection.selectors import class_vote_weights, consistency_selector, register
 
-    if "rpc_code" in REGISTRY:
+    if "reference_votes_two_start" in REGISTRY:
         return
     register("pc_mean")(consistency_selector(prune=False, joint=False))
 
-    @register("rpc_code")
-    def rpc_code(candidates):
+    @register("reference_votes_two_start")
+    def reference_votes_two_start(candidates):
         usable = [i for i, c in enumerate(candidates) if c.logprob_mean is not None]
         if not usable:
             return None
@@ -54,27 +60,69 @@ def smallest_matching_n(metrics: dict, name: str, target: float, tolerance: floa
     return None
 
 
-def pruning_stats(per_problem: dict) -> dict:
-    """At N_max: how many paths RPC prunes, and how often pruned and kept paths are right."""
-    from treetune.rewards.selection.rpc import fit_weibull_mixture, prune_mask
+COLLAPSED_K = 50.0  # a Weibull of shape k >= 50 has a coefficient of variation <= 2.6%: nearly one point
 
-    pruned_right = pruned = kept_right = kept = 0
-    started = time.perf_counter()
-    for cands in per_problem.values():
-        usable = [c for c in cands if c.logprob_mean is not None]
-        p = [math.exp(c.logprob_mean) for c in usable]
-        mask = prune_mask(p, fit_weibull_mixture(p))  # fitted here, not from the selectors' cache: timed
-        for c, m in zip(usable, mask):
-            if m:
-                pruned += 1
-                pruned_right += c.correct
-            else:
-                kept += 1
-                kept_right += c.correct
-    return {"paths": pruned + kept, "pruned_fraction": pruned / max(1, pruned + kept),
-            "pruned_paths_correct_rate": pruned_right / max(1, pruned),
-            "kept_paths_correct_rate": kept_right / max(1, kept),
-            "fit_and_prune_ms_per_problem": 1000 * (time.perf_counter() - started) / max(1, len(per_problem))}
+
+def collapsed(k1: float, lam1: float, k2: float, lam2: float) -> bool:
+    """A degenerate fit: a component shrunk onto nearly one point, or run to the 0.01 scale bound."""
+    return max(k1, k2) >= COLLAPSED_K or min(lam1, lam2) <= 0.01 + 1e-9
+
+
+def pruning_stats(per_problem: dict) -> dict:
+    """At N_max, for treetune's two-start fit and the authors' single start: how many paths each
+    prunes, how often pruned and kept paths are right, how many fits are degenerate, the time."""
+    from treetune.rewards.selection import rpc, rpc_reference
+
+    fits = {"rpc": (rpc.fit_weibull_mixture, rpc.prune_mask), "rpc_reference": (rpc_reference.fit, rpc_reference.prune_mask)}
+    out = {}
+    for name, (fit, prune) in fits.items():
+        pruned_right = pruned = kept_right = kept = degenerate = fitted = 0
+        started = time.perf_counter()
+        for cands in per_problem.values():
+            usable = [c for c in cands if c.logprob_mean is not None]
+            p = [math.exp(c.logprob_mean) for c in usable]
+            mask = [False] * len(p)
+            if len(p) > 1:
+                mixture = fit(p)  # fitted here, not from the selectors' cache: timed
+                mask = prune(p, mixture)
+                fitted += 1
+                degenerate += collapsed(mixture.k1, mixture.lam1, mixture.k2, mixture.lam2)
+            for c, m in zip(usable, mask):
+                if m:
+                    pruned += 1
+                    pruned_right += c.correct
+                else:
+                    kept += 1
+                    kept_right += c.correct
+        out[name] = {"paths": pruned + kept, "pruned_fraction": pruned / max(1, pruned + kept),
+                     "pruned_paths_correct_rate": pruned_right / max(1, pruned),
+                     "kept_paths_correct_rate": kept_right / max(1, kept),
+                     "degenerate_fit_share": degenerate / max(1, fitted),
+                     "fit_and_prune_ms_per_problem": 1000 * (time.perf_counter() - started) / max(1, len(per_problem))}
+    return out
+
+
+def agreement(per_problem: dict, n_values: list[int], resamples: int, seed: int, a: str = "rpc",
+              b: str = "rpc_reference") -> dict[str, float]:
+    """Per N: the share of subsets in which selectors a and b answer with the same answer class."""
+    from treetune.rewards.selection.selectors import get_selector
+
+    pick_a, pick_b = get_selector(a), get_selector(b)
+    out = {}
+    for n in n_values:
+        same = total = 0
+        for pid, cands in sorted(per_problem.items()):
+            # the subsets evaluate() draws, so both selectors' fits come from their caches
+            rng = random.Random(f"{seed}:{pid}:{n}")
+            subsets = [list(range(len(cands)))] if n >= len(cands) else [sorted(rng.sample(range(len(cands)), n))
+                                                                           for _ in range(resamples)]
+            for subset in subsets:
+                chosen = [cands[i] for i in subset]
+                i, j = pick_a(chosen), pick_b(chosen)
+                same += (None if i is None else chosen[i].answer_class) == (None if j is None else chosen[j].answer_class)
+                total += 1
+        out[str(n)] = same / max(1, total)
+    return out
 
 
 def plot(metrics: dict, target: float, path: str, title: str) -> None:
@@ -89,10 +137,10 @@ def plot(metrics: dict, target: float, path: str, title: str) -> None:
         by_n = metrics["selectors"][name]
         mean = [by_n[str(n)]["accuracy"] for n in n_values]
         std = [by_n[str(n)]["std"] for n in n_values]
-        bold = name in ("majority", "rpc", "rpc_mean")
+        bold = name in BOLD
         ax.plot(n_values, mean, marker="o", lw=2 if bold else 1, alpha=1 if bold else 0.6, label=LABELS[name],
                 ls="-" if bold else "--")
-        if name in ("majority", "rpc"):
+        if name in BOLD:
             ax.fill_between(n_values, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
     ax.axhline(target, color="grey", ls=":", label=f"SC@{n_values[-1]} = {target:.3f}")
     ax.set_xscale("log", base=2)
@@ -167,7 +215,10 @@ def main() -> None:
     target = metrics["selectors"]["majority"][str(n_max)]["accuracy"]
     result["sc_at_n_max"] = target
     result["rpc_at_n_max"] = metrics["selectors"]["rpc"][str(n_max)]["accuracy"]
+    result["rpc_reference_at_n_max"] = metrics["selectors"]["rpc_reference"][str(n_max)]["accuracy"]
     result["rpc_best"] = max((cell["accuracy"], int(n)) for n, cell in metrics["selectors"]["rpc"].items())
+    result["rpc_reference_best"] = max((cell["accuracy"], int(n)) for n, cell in metrics["selectors"]["rpc_reference"].items())
+    result["rpc_and_rpc_reference_same_answer"] = agreement(per_problem, metrics["n_values"], args.resamples, args.seed)
     result["smallest_n_matching_sc_at_n_max"] = {
         name: {"strict": smallest_matching_n(metrics, name, target, 0.0),
                "within_tolerance": smallest_matching_n(metrics, name, target, args.tolerance)} for name in SELECTORS}

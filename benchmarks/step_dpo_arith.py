@@ -105,7 +105,9 @@ def main() -> None:
     from treetune.data.step_pairs import StepPair, dpo_prompt, load_step_pairs, write_step_pairs
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
-    from treetune.trainers.step_dpo.pairs import StepDPODataArgs, build_pairs
+    from treetune.launch.step_dpo_data import StepDPODataArgs
+    from treetune.rewards.scorers import scorer_from_args
+    from treetune.trainers.step_dpo.pairs import build_pairs
     from treetune.trainers.step_dpo.trainer import main as step_dpo
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="step_dpo_arith_"))
@@ -118,8 +120,10 @@ def main() -> None:
                                 verify_chosen=a.verify_chosen)
     started = time.perf_counter()
     with Grader() as grader, VLLMEngine(policy) as engine:
-        result["pairs"] = build_pairs(data_args, engine, grader, engine.tokenizer,
-                                      load_problems("arith", "train", limit=a.train_problems), template)
+        result["pairs"] = build_pairs(data_args.output_dir, engine, grader, engine.tokenizer,
+                                      load_problems("arith", "train", limit=a.train_problems), template,
+                                      scorer_from_args(data_args, engine), data_args, data_args,
+                                      step_mode=data_args.step_mode, batch_problems=data_args.batch_problems)
     result["pairs"]["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result["pairs"], indent=2), flush=True)
     pairs_file = result["pairs"]["pairs_file"]

@@ -29,12 +29,12 @@ def main() -> None:
 
     from treetune.data import PromptTemplate, load_problems
     from treetune.data.arith import tiny_policy
-    from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, sample
-    from treetune.launch.eval_prm import arith_cases, sample_arith_trees
-    from treetune.rewards.evaluation.processbench import evaluate_splits
+    from treetune.rewards.evaluation.best_of_n import evaluate_leaves, problem_trees, sample_graded, write_report
+    from treetune.rewards.evaluation.processbench import arith_cases, evaluate_splits, sample_arith_trees
     from treetune.rewards.grading import Grader
     from treetune.rewards.scorers.think_prm import ThinkPRM
     from treetune.rollouts.engines import VLLMEngine
+    from treetune.rollouts.run import RolloutArgs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="think_prm_arith_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -82,15 +82,17 @@ def main() -> None:
 
     template = PromptTemplate(style="bare")
     problems = load_problems("arith", "test", limit=args.bon_problems)
-    bon = BestOfNArgs(output_dir=str(work / "bon"), limit=args.bon_problems, n=16, max_tokens=128, seed=2,
-                      selectors="majority,prm_last,prm_min,weighted_prm_last,first", prm_path=args.verifier,
-                      prm_format="thinkprm")
+    selectors = ["majority", "prm_last", "prm_min", "weighted_prm_last", "first"]
+    bon = RolloutArgs(output_dir=str(work / "bon"), limit=args.bon_problems, sampler="flat", trajectories=16,
+                      max_tokens=128, seed=2)
     with Grader() as grader:
         with VLLMEngine(tiny_policy()) as engine:
-            sample(bon, engine, problems, template, grader)
+            sample_graded(bon, engine, problems, template, grader)
         started = time.perf_counter()
-        metrics = evaluate_trees(bon, problems, grader)
+        metrics, rows = evaluate_leaves(problem_trees(work / "bon" / "trees", problems), problems, selectors, grader,
+                                        scorer=ThinkPRM(args.verifier), seed=2)
         result["bon_scoring_seconds"] = round(time.perf_counter() - started, 1)
+        write_report(work / "bon", metrics, rows, selectors, f"best-of-16 with ThinkPRM ({len(rows)} arith problems)")
     result["best_of_16"] = {name: metrics["selectors"][name]["16"]["accuracy"] for name in metrics["selectors"]}
     result["best_of_16"]["pass@16"] = metrics["pass_at_k"]["16"]
     result["best_of_16"]["note"] = ("ThinkPRM K=1 greedy chain per sample; prm_last = P(yes) of the whole solution, "

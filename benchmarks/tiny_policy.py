@@ -34,7 +34,9 @@ def main() -> None:
     started = time.time()
     path = tiny_policy(quiet=True)
     result["build_seconds" if args.fresh else "load_seconds"] = round(time.time() - started, 1)
-    train_metrics = json.loads((Path(path) / "train_metrics.json").read_text())
+    # metrics.json; a policy built before the trainers' run files were renamed has train_metrics.json
+    metrics_file = next(f for f in (Path(path) / "metrics.json", Path(path) / "train_metrics.json") if f.exists())
+    train_metrics = json.loads(metrics_file.read_text())
     result["train_runtime_seconds"] = train_metrics.get("train_runtime")
     result["train_steps"] = train_metrics.get("steps")
     result["held_out_accuracy_during_training"] = train_metrics.get("held_out_accuracy")

@@ -6,6 +6,15 @@ import re
 
 _STEP_MARKER = re.compile(r"(?im)^\s*step\s*\d+\s*[:.]")
 MODES = ("blank_line", "line", "step_k", "regex")
+# what follows each step when steps are joined back into a solution (a PRM reads its label there)
+SEPARATORS = {"line": "\n", "blank_line": "\n\n", "step_k": "\n"}
+
+
+def step_separator(mode: str) -> str:
+    """The text between two steps of a solution split by `mode` (line, blank_line, step_k)."""
+    if mode not in SEPARATORS:
+        raise ValueError(f"step mode {mode!r} has no fixed separator; expected one of {', '.join(SEPARATORS)}")
+    return SEPARATORS[mode]
 
 
 def split_steps(text: str, mode: str = "blank_line", pattern: str | None = None) -> list[str]:

@@ -3,134 +3,155 @@
     python launch/best_of_n.py --config configs/best_of_n/arith.yaml [--field value ...]
     python launch/best_of_n.py --config configs/best_of_n/arith.yaml --generation beam --scorer arith_checker \
         --n 16 --search_width 4 --selectors search_pick,majority     # or dvts / mcts, --scorer PRM_FOLDER
+    python launch/best_of_n.py --config configs/best_of_n/math500.yaml --scorer Qwen/Qwen2.5-Math-PRM-7B \
+        --scorer_format qwen --step_mode blank_line --selectors majority,prm_min,weighted_prm_last
+
+`--scorer` (any step scorer: the arith checker, the tool, self-evaluation, a trained or released
+PRM) drives the step search when `--generation` is one, and scores every sample for the `prm_*`
+and `weighted_prm_*` selectors when one is asked for.
 
 Writes to --output_dir: trees/ (the samples, resumable), problems.jsonl (samples, answers, grades,
-selections), metrics.json, summary.md, accuracy_vs_n.png; with --greedy_limit K also
+selections), config.json, metrics.json, summary.md, accuracy_vs_n.png; with --greedy_limit K also
 greedy_metrics.json and greedy_samples.jsonl for greedy decoding of the first K problems.
-
-A best-of-N run: sample N solutions per problem (or read existing trees), grade them, and write
-the per-problem file, metrics.json, per-group tables and the accuracy-vs-N plot.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from treetune.data import Problem, PromptTemplate, load_problems
-from treetune.data.arith import tiny_policy
-from treetune.rewards.evaluation.best_of_n import (
-    assign_answer_classes,
-    candidates,
-    evaluate,
-    group_table,
-    plot_accuracy,
-    selections,
-    sweep,
-)
+from treetune.data import Problem, ProblemArgs, PromptTemplate, load_problems
+from treetune.rewards.evaluation.best_of_n import evaluate_leaves, problem_trees, sample_graded, write_report
 from treetune.rewards.evaluation.greedy import greedy_eval, write_eval
 from treetune.rewards.grading import Grader
-from treetune.rewards.outcome import score_outcomes
-from treetune.rewards.scorers.arith_checker import score_tree_leaves
-from treetune.rewards.scorers.loading import make_search_scorer
-from treetune.rewards.scorers.released import load_prm
+from treetune.rewards.scorers import RENAMED_FIELDS, close_scorer, scorer_from_args
 from treetune.rewards.selection.selectors import Candidate, get_selector, register
-from treetune.rollouts.run import RolloutArgs, default_prompt_style, make_engine, run_rollout
-from treetune.rollouts.tree_io import read_trees
+from treetune.rollouts.run import (
+    EngineArgs,
+    RolloutArgs,
+    SamplingArgs,
+    SearchArgs,
+    make_engine,
+    redefault,
+)
+from treetune.rollouts.scoring import ScorerArgs
+from treetune.trainers.common import parse_config, setup_logging
+
+log = logging.getLogger(__name__)
+
+GENERATIONS = ("flat", "beam", "dvts", "mcts")
 
 
 @dataclass
-class BestOfNArgs:
-    output_dir: str = "outputs/best_of_n"
-    model_name_or_path: str | None = None  # empty: the arith tiny policy
-    engine: str = "vllm"
-    server_urls: str | None = None
-    source: str = "arith"
-    split: str = "test"
-    data_path: str | None = None
-    limit: int | None = 300
-    prompt_style: str | None = None
-    n: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    seed: int = 0
-    selectors: str = "first,majority,max_logprob"
-    subsamples: int = 8
-    trees_path: str | None = None  # evaluate these trees instead of sampling
-    group_by: str = ""  # comma-separated problem fields for per-group tables (MATH: level,subject)
-    prm_path: str | None = None  # a PRM (launch/train_prm.py) scoring every sample, for the prm_* selectors
-    prm_separator: str = "\n"
-    prm_format: str = "treetune"  # treetune | qwen (Qwen2.5-Math-PRM) | shepherd (Math-Shepherd)
-    step_mode: str = "line"  # how samples split into steps for the PRM (line, blank_line, step_k)
-    # generation mode: flat N-sampling, or a step search driven by a step scorer (its pick: selector search_pick)
-    generation: str = "flat"  # flat | beam | dvts | mcts
-    scorer: str | None = None  # beam/dvts/mcts: arith_checker, self_eval or a PRM folder (default: prm_path)
-    search_width: int = 4  # beam: survivors M of the N per step; dvts: candidates per subtree M; mcts: k
-    step_delimiter: str = "\n"
-    step_tokens: int = 64
-    aggregation: str = "last"  # step scores -> path value while searching
-    mcts_iterations: int = 4  # simulations per move; MCTS grades finished nodes with the scorer, never the gold answer
-    mcts_max_children: int = 0  # > search_width: progressive widening
-    batch_problems: int = 64
-    kv_cache_gb: float | None = None
-    greedy_limit: int = 0  # also decode the first this-many problems of the split greedily (0: no)
-    report_to: str = "none"  # none | wandb
-    wandb_project: str = "treetune"
+class BestOfNArgs(ScorerArgs, SearchArgs, SamplingArgs, EngineArgs, ProblemArgs):
+    """Best-of-N: problems, policy, sampling, the step scorer (search and prm_* selectors), then the evaluation."""
+
+    output_dir: str = field(default="outputs/best_of_n", metadata={
+        "help": "Where trees/, problems.jsonl, config.json, metrics.json, summary.md and the plot go; rerun to resume."})
+    limit: int | None = redefault(ProblemArgs, "limit", 300)
+    n: int = field(default=64, metadata={"help": "Samples per problem (N_max of the sweep)."})
+    selectors: str = field(default="first,majority,max_logprob", metadata={
+        "help": "Comma-separated selectors: first, majority, max_logprob, prm_{last,min,product,mean}, "
+                "weighted_prm_*, weighted:<score key>[:<aggregation>], rpc, search_pick, ..."})
+    subsamples: int = field(default=8, metadata={"help": "Random subsets of the N samples drawn per N < N_max."})
+    trees_path: str | None = field(default=None, metadata={
+        "help": "Evaluate these trees (a folder of shards or a file) instead of sampling."})
+    group_by: str = field(default="", metadata={
+        "help": "Comma-separated problem fields for per-group tables (MATH: level,subject)."})
+    generation: str = field(default="flat", metadata={
+        "help": "flat (N independent samples) or a step search driven by --scorer: beam, dvts, mcts (its own answer: "
+                "selector search_pick)."})
+    mcts_iterations: int = redefault(SearchArgs, "mcts_iterations", 4)
+    terminal_value: str = field(default="scorer", metadata={
+        "help": "mcts: finished nodes are valued by the scorer; an evaluation never grades with the gold answer "
+                "while it searches."})
+    batch_problems: int = field(default=64, metadata={"help": "Problems sampled together (one engine batch per step)."})
+    greedy_limit: int = field(default=0, metadata={
+        "help": "Also decode the first this-many problems of the split greedily (0: no)."})
+    report_to: str = field(default="none", metadata={"help": "none | wandb: also log the sweep and the plot to wandb."})
+    wandb_project: str = field(default="treetune", metadata={"help": "The wandb project, with --report_to wandb."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"field 'generation': expected one of {', '.join(GENERATIONS)}, not {self.generation!r}")
+        if self.terminal_value != "scorer":
+            raise ValueError("field 'terminal_value': best-of-N values finished nodes with the scorer; the gold "
+                             "answer is only for grading the picks")
+
+    @property
+    def selector_names(self) -> list[str]:
+        return [s.strip() for s in self.selectors.split(",") if s.strip()]
+
+
+def reads_prm_scores(names: Sequence[str]) -> bool:
+    """Whether a selector reads the step scores `evaluate_leaves` writes as `scores["prm"]`."""
+    return any(n.startswith(("prm_", "weighted_prm_")) or n.split(":")[:2] == ["weighted", "prm"] for n in names)
 
 
 def rollout_args(args: BestOfNArgs) -> RolloutArgs:
-    return RolloutArgs(output_dir=args.output_dir, model_name_or_path=args.model_name_or_path, engine=args.engine,
-                       server_urls=args.server_urls, source=args.source, split=args.split, data_path=args.data_path,
-                       limit=args.limit, prompt_style=args.prompt_style, sampler=args.generation, trajectories=args.n,
-                       temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                       batch_problems=args.batch_problems, kv_cache_gb=args.kv_cache_gb, scorer=args.scorer or args.prm_path,
-                       prm_separator=args.prm_separator, step_delimiter=args.step_delimiter, step_tokens=args.step_tokens,
-                       search_width=args.search_width, aggregation=args.aggregation, mcts_iterations=args.mcts_iterations,
-                       mcts_max_children=args.mcts_max_children, terminal_value="scorer")
+    """The rollout that grows the samples: the shared parts as they are, N trajectories by `generation`."""
+    shared = {f.name for f in fields(RolloutArgs)} & {f.name for f in fields(BestOfNArgs)}
+    return RolloutArgs(**{name: getattr(args, name) for name in shared}, sampler=args.generation, trajectories=args.n)
 
 
-def sample(args: BestOfNArgs, engine, problems: list[Problem], template: PromptTemplate, grader: Grader) -> dict:
+def sample(args: BestOfNArgs, engine, problems: list[Problem], template: PromptTemplate, grader: Grader,
+           scorer=None) -> dict:
     """Samples (flat, or a step search's trees) for every problem into `output_dir/trees`
-    (resumable), graded as they finish."""
-    step_scorer = None
-    if args.generation != "flat":
-
-        spec = args.scorer or args.prm_path
-        if not spec:
-            raise ValueError(f"generation {args.generation!r} needs --scorer (arith_checker, self_eval or a PRM folder)")
-        step_scorer = make_search_scorer(spec, args.prm_separator, args.prm_format, engine=engine)
-    return run_rollout(rollout_args(args), engine, engine.tokenizer, problems, template,
-                       lambda trees: score_outcomes(trees, grader), step_scorer=step_scorer)
+    (resumable), graded as they finish; a search builds `--scorer` unless `scorer` is given."""
+    owned = None
+    if args.generation != "flat" and scorer is None:
+        if not args.scorer:
+            raise ValueError(f"generation {args.generation!r} needs --scorer (arith_checker, tool, self_eval or a PRM)")
+        scorer = owned = scorer_from_args(args, engine)
+    try:
+        return sample_graded(rollout_args(args), engine, problems, template, grader,
+                             step_scorer=scorer if args.generation != "flat" else None)
+    finally:
+        close_scorer(owned)
 
 
 def run(args: BestOfNArgs) -> dict:
     """Sample (unless `trees_path` names trees already grown), optionally decode greedily, evaluate.
     Samples resume from disk; a finished greedy pass is not redone."""
-
-
-    for name in args.selectors.split(","):
-        get_selector(name.strip())  # an unknown selector fails before any sampling
-    problems = load_problems(args.source, args.split, path=args.data_path, limit=args.limit)
+    for name in args.selector_names:
+        get_selector(name)  # an unknown selector fails before any sampling
+    if args.generation != "flat" and not args.scorer:
+        raise ValueError(f"generation {args.generation!r} needs --scorer (arith_checker, tool, self_eval or a PRM)")
+    if args.scorer and args.generation == "flat" and not reads_prm_scores(args.selector_names):
+        log.warning("--scorer %s is not used: generation is flat and no selector reads its scores (prm_*, "
+                    "weighted_prm_*)", args.scorer)
+    problems = args.load()
     out = Path(args.output_dir)
     greedy_file = out / "greedy_metrics.json"
+    needs_scorer = args.generation != "flat" or reads_prm_scores(args.selector_names)
+    needs_engine = not args.trees_path or (args.greedy_limit and not greedy_file.exists()) or \
+        (needs_scorer and args.scorer == "self_eval")
+    engine = scorer = None
     with Grader() as grader:
-        if not args.trees_path or (args.greedy_limit and not greedy_file.exists()):
-            engine = make_engine(rollout_args(args), args.model_name_or_path or tiny_policy())
-            template = PromptTemplate(style=default_prompt_style(args.prompt_style, bool(args.model_name_or_path), engine.tokenizer))
-            try:
+        try:
+            if needs_engine:
+                engine = make_engine(args)
+            if needs_scorer:
+                scorer = scorer_from_args(args, engine)
+            if engine is not None:
+                template = args.prompt_template(engine.tokenizer)
                 if args.greedy_limit and not greedy_file.exists():
-                    greedy_problems = load_problems(args.source, args.split, path=args.data_path, limit=args.greedy_limit)
+                    greedy_problems = load_problems(args.source, args.split, path=args.data_path, limit=args.greedy_limit,
+                                                    seed=args.problem_seed)
                     greedy, rows = greedy_eval(engine, engine.tokenizer, greedy_problems, template,
                                                max_tokens=args.max_tokens, grader=grader)
                     write_eval(out, greedy, rows)
                 if not args.trees_path:
-                    sample(args, engine, problems, template, grader)
-            finally:
+                    sample(args, engine, problems, template, grader, scorer)
+            metrics = evaluate_trees(args, problems, grader, scorer)
+        finally:
+            close_scorer(scorer)
+            if engine is not None:
                 engine.close()
-        metrics = evaluate_trees(args, problems, grader)
     if greedy_file.exists():
         metrics["greedy"] = json.loads(greedy_file.read_text())
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -145,71 +166,28 @@ def search_pick(cands: Sequence[Candidate]) -> int | None:
     return -max(scored)[1] if scored else None
 
 
-def evaluate_trees(args: BestOfNArgs, problems: list[Problem], grader: Grader) -> dict:
-    """Everything after sampling: classes, selector sweep, files, plot. Returns metrics."""
+def evaluate_trees(args: BestOfNArgs, problems: list[Problem], grader: Grader, scorer=None) -> dict:
+    """Everything after sampling: classes, the scorer's step scores (for the prm_* selectors), the
+    selector sweep, files, plot. Returns metrics. `scorer` defaults to `--scorer`, built here."""
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.trees_path) if args.trees_path else out / "trees"
-    wanted = {p.id: p for p in problems}
-    trees = [t for t in read_trees(source) if t.problem_id in wanted]
-    missing = sorted(set(wanted) - {t.problem_id for t in trees})
-    if missing:
-        raise ValueError(f"{source}: no trees for {len(missing)} problem(s), e.g. {missing[:3]}")
-    unscored = [t for t in trees if any("outcome" not in l.scores for l in t.leaves())]
-    if unscored:
-        score_outcomes(unscored, grader)
-    assign_answer_classes(trees, grader)
-    if args.prm_path:
-
-        score_tree_leaves(trees, load_prm(args.prm_path, args.prm_format, separator=args.prm_separator),
-                          key="prm", step_mode=args.step_mode)
-    names = [s.strip() for s in args.selectors.split(",") if s.strip()]
-    per_problem = {t.problem_id: candidates(t) for t in trees}
-    n_max = max(len(c) for c in per_problem.values())
-    metrics = evaluate(per_problem, names, sweep(n_max), args.subsamples, args.seed)
-    metrics.update(source=args.source, split=args.split, samples_per_problem=n_max)
-
-    rows = []
-    for tree in trees:
-        cands = per_problem[tree.problem_id]
-        rows.append({
-            "id": tree.problem_id, "gold": tree.answer, "extra": wanted[tree.problem_id].extra,
-            "samples": [{"answer": c.answer, "correct": c.correct, "answer_class": c.answer_class, "tokens": c.tokens,
-                         "logprob_mean": c.logprob_mean, "text": c.text} for c in cands],
-            "selected": selections(cands, names),
-        })
-    with (out / "problems.jsonl").open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
-    metrics["groups"] = {g: group_table(rows, g, names) for g in groups}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    trees = problem_trees(Path(args.trees_path) if args.trees_path else out / "trees", problems)
+    names = args.selector_names
+    owned = None
+    if scorer is None and args.scorer and reads_prm_scores(names):
+        scorer = owned = scorer_from_args(args)
+    try:
+        metrics, rows = evaluate_leaves(trees, problems, names, grader,
+                                        scorer=scorer if reads_prm_scores(names) else None, step_mode=args.step_mode,
+                                        subsamples=args.subsamples, seed=args.seed,
+                                        group_by=[g.strip() for g in args.group_by.split(",") if g.strip()])
+    finally:
+        close_scorer(owned)
+    metrics.update(source=args.source, split=args.split)
+    write_report(out, metrics, rows, names, f"best-of-N on {args.source} ({len(trees)} problems)")
     (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    plot_accuracy(metrics, str(out / "accuracy_vs_n.png"), f"best-of-N on {args.source} ({len(trees)} problems)")
-    (out / "summary.md").write_text(summary_markdown(metrics, names))
     if args.report_to == "wandb":
         log_to_wandb(args, metrics, out)
     return metrics
-
-
-def summary_markdown(metrics: dict, names: list[str]) -> str:
-    n_values = metrics["n_values"]
-    lines = ["| selector | " + " | ".join(f"N={n}" for n in n_values) + " |", "|---" * (len(n_values) + 1) + "|"]
-    lines.append("| pass@k | " + " | ".join(f"{metrics['pass_at_k'][str(n)]:.3f}" for n in n_values) + " |")
-    for name in names:
-        cells = metrics["selectors"][name]
-        lines.append(f"| {name} | " + " | ".join(f"{cells[str(n)]['accuracy']:.3f} ± {cells[str(n)]['std']:.3f}" for n in n_values) + " |")
-    lines += ["", "False-positive rate (chosen answer wrong though a right one was among the N):", "",
-              "| selector | " + " | ".join(f"N={n}" for n in n_values) + " |", "|---" * (len(n_values) + 1) + "|"]
-    for name in names:
-        cells = metrics["selectors"][name]
-        lines.append(f"| {name} | " + " | ".join(f"{cells[str(n)]['false_positive_rate']:.3f}" for n in n_values) + " |")
-    for group, table in metrics.get("groups", {}).items():
-        lines += ["", f"By {group} (N = {n_values[-1]}):", "", "| " + group + " | problems | pass@N | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 3) + "|"]
-        for value, entry in table.items():
-            lines.append(f"| {value} | {entry['problems']} | {entry['pass_at_n']:.3f} | " + " | ".join(f"{entry[n]:.3f}" for n in names) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def log_to_wandb(args: BestOfNArgs, metrics: dict, out: Path) -> None:
@@ -225,12 +203,10 @@ def log_to_wandb(args: BestOfNArgs, metrics: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trl import TrlParser
-
-
-    (args,) = TrlParser((BestOfNArgs,)).parse_args_and_config(argv)
+    setup_logging()
+    (args,) = parse_config((BestOfNArgs,), argv, renamed=RENAMED_FIELDS)
     metrics = run(args)
-    print(open(f"{args.output_dir}/summary.md").read())
+    print((Path(args.output_dir) / "summary.md").read_text())
     if "greedy" in metrics:
         print(f"greedy accuracy on {metrics['greedy']['problems']} problems: {metrics['greedy']['accuracy']:.3f}")
     return metrics

@@ -3,8 +3,10 @@
     python launch/main.py --config configs/main/arith.yaml [--field value ...]
 
 policy (the arith tiny policy, built on first use) -> evaluation before (greedy, best-of-N) ->
-TreePO trees on training problems -> PRM labels (Monte Carlo, consensus with the checker) and a
-trained PRM -> Step-DPO pairs from the trees -> Step-DPO -> evaluation after -> report.
+TreePO trees on training problems -> PRM labels (Monte Carlo, consensus with the checker) and the
+fused PRM (separator head + the backbone's likelihood of each step) -> Step-DPO pairs from the
+trees -> Step-DPO -> evaluation after -> report (best-of-N with the PRM, and its F1 against the
+exact checker on the evaluation's samples).
 Writes to --output_dir one folder per stage and `report/report.md` (the before/after table,
 TreePO's token savings, `report/accuracy_vs_n.png`, every artefact and the command that reruns
 its stage alone). Run it again on the same folder to resume at the stage it stopped in.
@@ -17,55 +19,80 @@ stopped in (and the stages that sample resume inside, from their tree shards).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from treetune.data import PromptTemplate, load_problems
 from treetune.data.arith import tiny_policy
-from treetune.launch import best_of_n, prm_labels
-from treetune.launch.main_report import write_report
+from treetune.launch import best_of_n, prm_labels, step_dpo_data
+from treetune.launch.main_report import f1_by_threshold, write_report
 from treetune.rewards.grading import Grader
+from treetune.rewards.labels.formats import read_stepwise
 from treetune.rewards.outcome import score_outcomes
+from treetune.rewards.scorers import load_scorer
 from treetune.rollouts.run import RolloutArgs, make_engine, run_rollout
-from treetune.trainers.prm.train import main as train_prm
-from treetune.trainers.step_dpo.pairs import StepDPODataArgs, pairs_from_trees
+from treetune.trainers.common import METRICS_FILE, parse_config, setup_logging
+from treetune.trainers.prm.fusion import split_holdout
+from treetune.trainers.prm.trainer import main as train_prm
 from treetune.trainers.step_dpo.trainer import main as step_dpo
 
 
 @dataclass
 class MainArgs:
-    output_dir: str = "outputs/main"
-    model_name_or_path: str | None = None  # empty: the arith tiny policy (built on first use)
-    max_tokens: int = 128
-    seed: int = 0
-    report_to: str = "none"  # none | wandb | tensorboard: the training stages' logs (and best-of-N's with wandb)
+    """The main job's recipe (configs/main/arith.yaml): the size of every stage and the recipes of
+    the two models it trains, the PRM and the Step-DPO policy."""
+
+    output_dir: str = field(default="outputs/main", metadata={
+        "help": "Folder of the run: one subfolder per stage and report/report.md; run again on it to resume."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Starting policy (a hub name or a local checkpoint); empty: the arith tiny policy, built on first use."})
+    max_tokens: int = field(default=128, metadata={"help": "Most tokens of a sampled solution, in every stage that samples."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, labelling and training."})
+    report_to: str = field(default="none", metadata={
+        "help": "none, wandb or tensorboard: where the training stages log (best-of-N too, with wandb)."})
     # evaluation (before and after): greedy on eval_problems, best-of-N on bon_problems
-    eval_problems: int = 500
-    bon_problems: int = 200
-    n: int = 16
+    eval_problems: int = field(default=500, metadata={
+        "help": "Arith test problems decoded greedily, before and after Step-DPO."})
+    bon_problems: int = field(default=200, metadata={
+        "help": "Arith test problems of the best-of-N evaluation (and of the PRM's F1), before and after Step-DPO."})
+    n: int = field(default=16, metadata={
+        "help": "Samples per problem in the best-of-N evaluation; the sweep runs N = 1, 2, 4, ... up to it."})
     # TreePO trees on training problems
-    train_problems: int = 1000
-    trajectories: int = 16
-    segment_tokens: int = 8
-    max_depth: int = 16
-    branch: int = 2
-    init_divergence: int = 2
-    # PRM: MC labels from the trees (consensus with the exact checker), then training
-    prm_trees: int = 300
-    prm_k: int = 4
-    prm_epochs: float = 4.0
-    prm_learning_rate: float = 3e-4
+    train_problems: int = field(default=1000, metadata={
+        "help": "Arith training problems grown into TreePO trees (the source of Step-DPO pairs and PRM labels)."})
+    trajectories: int = field(default=16, metadata={"help": "Trajectories (leaves) per TreePO tree."})
+    segment_tokens: int = field(default=8, metadata={"help": "Tokens per TreePO segment (one tree node)."})
+    max_depth: int = field(default=16, metadata={"help": "Most segments on a TreePO path."})
+    branch: int = field(default=2, metadata={"help": "Children a TreePO node forks into."})
+    init_divergence: int = field(default=2, metadata={"help": "TreePO forks at the root, before the first segment."})
+    # PRM: MC labels from the trees (consensus with the exact checker), then the fused PRM
+    prm_trees: int = field(default=300, metadata={
+        "help": "TreePO trees whose trajectories get Monte Carlo step labels for the PRM."})
+    prm_k: int = field(default=4, metadata={
+        "help": "Completions per step prefix for the Monte Carlo labels (the tree's own first, then fresh samples)."})
+    prm_truncate: bool = field(default=False, metadata={
+        "help": "Drop the labels after a solution's first wrong step (Qwen's convention). The fused recipe keeps "
+                "them for the head; its fusion fit stops at the first wrong step either way."})
+    prm_epochs: float = field(default=3.0, metadata={"help": "Epochs of the PRM's separator head."})
+    prm_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the PRM's separator head."})
+    prm_fusion: bool = field(default=True, metadata={
+        "help": "Fuse the separator head with the backbone's likelihood of each step, fitted on MC labels held "
+                "out from the head (the recipe of configs/train_prm/arith.yaml). false: the head alone, which "
+                "on arith selects far worse than majority voting."})
+    prm_fusion_holdout: float = field(default=0.1, metadata={
+        "help": "Share of the PRM's labelled solutions held out from the head: the fusion is fitted on them and "
+                "the step threshold of the PRM's F1 is chosen on them."})
     # Step-DPO on the trees' branching-node pairs
-    pair_margin: float = 0.5
-    dpo_beta: float = 0.5
-    dpo_learning_rate: float = 5e-6
-    dpo_epochs: float = 1.0
-    dpo_batch_size: int = 16
+    pair_margin: float = field(default=0.5, metadata={
+        "help": "Least value gap between the chosen and the rejected step of a Step-DPO pair."})
+    dpo_beta: float = field(default=0.5, metadata={"help": "Step-DPO's beta: how strongly it is held to the starting policy."})
+    dpo_learning_rate: float = field(default=5e-6, metadata={"help": "Step-DPO's learning rate."})
+    dpo_epochs: float = field(default=1.0, metadata={"help": "Step-DPO's epochs over the pairs."})
+    dpo_batch_size: int = field(default=16, metadata={"help": "Step-DPO pairs per device and optimizer step."})
 
 
 STAGES = ("policy", "eval_before", "trees", "prm_labels", "prm", "pairs", "step_dpo", "eval_after", "report")
@@ -186,33 +213,60 @@ def _prm_labels(p: Pipeline) -> dict:
     a = p.args
     label_args = prm_labels.PRMLabelArgs(output_dir=str(p.dir("prm_labels")), trees_path=p.state["trees"]["trees"],
                               model_name_or_path=p.state["policy"]["model"], k=a.prm_k, consensus="arith_checker",
-                              limit_trees=a.prm_trees, max_tokens=a.max_tokens, seed=a.seed)
+                              limit_trees=a.prm_trees, truncate=a.prm_truncate, max_tokens=a.max_tokens, seed=a.seed)
     summary = prm_labels.run(label_args)
     return {"command": command("launch/prm_labels.py", label_args), **summary}
 
 
 def _prm(p: Pipeline) -> dict:
+    """The PRM of configs/train_prm/arith.yaml: a separator head on the policy's backbone fused with
+    the backbone's likelihood of each step, the fusion fitted on labelled solutions held out from the
+    head; on those held-out solutions, whose consensus labels equal the checker's, the step threshold
+    of the PRM's F1 is chosen (the report's F1 on test samples uses it). `--prm_fusion false`: the
+    head alone, threshold 0.5."""
 
     a = p.args
-    argv = ["--train_file", p.state["prm_labels"]["labels_file"], "--model_name_or_path", p.state["policy"]["model"],
+    labels_file = p.state["prm_labels"]["labels_file"]
+    argv = ["--train_file", labels_file, "--model_name_or_path", p.state["policy"]["model"],
             "--output_dir", str(p.dir("prm") / "model"), "--max_length", "256",
             "--num_train_epochs", str(a.prm_epochs), "--learning_rate", str(a.prm_learning_rate),
             "--per_device_train_batch_size", "32", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
             "--logging_steps", "10", "--save_strategy", "no", "--report_to", a.report_to, "--seed", str(a.seed),
-            "--disable_tqdm", "false"]
+            "--disable_tqdm", "false", "--likelihood_fusion", str(a.prm_fusion).lower(),
+            "--fusion_holdout", str(a.prm_fusion_holdout)]
     model = train_prm(argv)
-    metrics = json.loads((Path(model) / "train_metrics.json").read_text())
-    return {"command": argv_command("launch/train_prm.py", argv), "model": str(model), "records": metrics["records"],
-            "final_loss": metrics["losses"][-1] if metrics["losses"] else None}
+    metrics = _trainer_metrics(Path(model))
+    record = {"command": argv_command("launch/train_prm.py", argv), "model": str(model), "kind": "head",
+              "records": metrics["records"], "epochs": a.prm_epochs,
+              "final_loss": metrics["loss_history"][-1] if metrics["loss_history"] else None, "threshold": 0.5}
+    if a.prm_fusion:
+        fusion = metrics["fusion"]
+        record.update(kind="fused", fusion_records=metrics["fusion_records"],
+                      fusion={k: fusion[k] for k in ("features", "weights", "bias", "fit_steps", "fit_loss", "prior_loss")})
+        # the trainer's own split (same share and seed): the solutions the head never saw
+        _, held = split_holdout(read_stepwise(labels_file), a.prm_fusion_holdout, a.seed)
+        cases = ([r["prompt"].removesuffix("\n") for r in held], [r["completions"] for r in held],
+                 [next((i for i, label in enumerate(r["labels"]) if float(label) < 0.5), -1) for r in held])
+        by_threshold = f1_by_threshold(load_scorer(str(model), "treetune", step_mode="line"), *cases)
+        threshold = max(by_threshold, key=lambda t: by_threshold[t]["f1"])
+        record.update(threshold=float(threshold), held_out={"solutions": len(held), **by_threshold[threshold]})
+    return record
+
+
+def _trainer_metrics(model_dir: Path) -> dict:
+    """The PRM trainer's run figures (records, losses, the fusion fit) from its output folder."""
+    path = model_dir / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the PRM trainer wrote no metrics (expected {METRICS_FILE} next to the model)")
+    return json.loads(path.read_text())
 
 
 def _pairs(p: Pipeline) -> dict:
 
 
-    data_args = StepDPODataArgs(output_dir=str(p.dir("pairs")), trees_path=p.state["trees"]["trees"],
-                                margin=p.args.pair_margin)
-    with Grader() as grader:
-        summary = pairs_from_trees(data_args, grader)
+    data_args = step_dpo_data.StepDPODataArgs(output_dir=str(p.dir("pairs")), trees_path=p.state["trees"]["trees"],
+                                              margin=p.args.pair_margin)
+    summary = step_dpo_data.run(data_args)
     return {"command": command("launch/step_dpo_data.py", data_args), **summary}
 
 
@@ -244,13 +298,11 @@ STAGE_FUNCTIONS: dict[str, Callable[[Pipeline], dict]] = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trl import TrlParser
-
-
-    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "WARNING"), format="%(asctime)s %(name)s: %(message)s")
-    (args,) = TrlParser((MainArgs,)).parse_args_and_config(argv)
+    # WARNING by default: each stage's own progress bars tell how far the job is
+    setup_logging(os.environ.get("TREETUNE_LOG") or "WARNING")
+    (args,) = parse_config((MainArgs,), argv)
     state = run_main(args)
-    print(open(os.path.join(args.output_dir, "report", "report.md")).read())
+    print((Path(args.output_dir) / "report" / "report.md").read_text())
     return state
 
 

@@ -1,16 +1,42 @@
-"""The main job's report: the before/after table, TreePO's token savings, the accuracy-vs-N plot
+"""The main job's report: the before/after table (greedy, best-of-N with the PRM, and the PRM's F1
+against the exact arith checker), which PRM it is, TreePO's token savings, the accuracy-vs-N plot
 before and after, and where every artefact lies (with the command that reruns each stage)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from treetune.launch.best_of_n import BestOfNArgs, run
+from treetune.rewards.evaluation.processbench import arith_cases, evaluate_splits
+from treetune.rewards.scorers import load_scorer
+from treetune.rollouts.tree_io import read_trees
 
-SELECTORS = "first,majority,prm_min,prm_last,weighted_prm_last"
-PLOTTED = (("pass_at_k", "pass@N"), ("majority", "majority"), ("prm_last", "PRM (last step)"),
-           ("weighted_prm_last", "PRM-weighted majority"))
+SELECTORS = "first,majority,prm_min,prm_last,weighted_prm_min,weighted_prm_last"
+PLOTTED = (("pass_at_k", "pass@N"), ("majority", "majority"), ("prm_min", "PRM (min step)"),
+           ("weighted_prm_min", "PRM-weighted majority (min step)"))
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # step thresholds of the F1 sweep
+PRM_KINDS = {"fused": "the fused PRM: separator head + the backbone's likelihood of each step",
+             "head": "the separator head alone (no likelihood fusion)"}
+
+
+def f1_by_threshold(scorer, questions: Sequence[str], solutions: Sequence[Sequence[str]],
+                    labels: Sequence[int]) -> dict[str, dict]:
+    """ProcessBench-style metrics (acc_err, acc_corr, F1) of a step scorer at every threshold of
+    THRESHOLDS, against first-error labels (-1: every step right)."""
+    sweep = evaluate_splits({"arith": scorer.score(list(questions), [list(s) for s in solutions])},
+                            {"arith": list(labels)}, THRESHOLDS)
+    return {threshold: cell["splits"]["arith"] for threshold, cell in sweep.items()}
+
+
+def prm_f1_on_samples(scorer, trees_dir: str, threshold: float) -> dict:
+    """The PRM's F1 against the exact checker on an evaluation's samples: at the threshold chosen on
+    held-out training solutions, and (for reference only: chosen on these very samples) the best."""
+    by_threshold = f1_by_threshold(scorer, *arith_cases(list(read_trees(trees_dir))))
+    best = max(by_threshold, key=lambda t: by_threshold[t]["f1"])
+    return {**by_threshold[f"{threshold:g}"], "threshold": threshold,
+            "best_threshold_on_these_samples": float(best), "f1_at_that_best": by_threshold[best]["f1"]}
 
 
 def score_with_prm(pipeline, which: str) -> dict:
@@ -19,7 +45,7 @@ def score_with_prm(pipeline, which: str) -> dict:
     a = pipeline.args
     eval_args = BestOfNArgs(output_dir=str(pipeline.dir("report") / which), trees_path=pipeline.state[f"eval_{which}"]["trees"],
                             source="arith", split="test", limit=a.bon_problems, n=a.n, seed=a.seed, selectors=SELECTORS,
-                            prm_path=pipeline.state["prm"]["model"])
+                            scorer=pipeline.state["prm"]["model"], scorer_format="treetune", step_mode="line")
     return run(eval_args)
 
 
@@ -57,31 +83,71 @@ def _row(label: str, before: float, after: float) -> str:
     return f"| {label} | {before:.1%} | {after:.1%} | {100 * (after - before):+.1f} |"
 
 
+def _f1_row(label: str, before: float, after: float) -> str:
+    return f"| {label} | {before:.3f} | {after:.3f} | {after - before:+.3f} (F1) |"
+
+
+def describe_prm(record: dict) -> str:
+    """One paragraph: which PRM the report's PRM rows use, how it was trained and thresholded."""
+    kind = record.get("kind", "head")
+    text = (f"**PRM: {PRM_KINDS[kind]}.** A two-class head read at each step's separator on the policy's "
+            f"backbone, trained {record.get('epochs', '?')} epochs on {record['records']} solutions with Monte Carlo "
+            f"step labels")
+    if kind == "fused":
+        fusion = record["fusion"]
+        weights = ", ".join(f"{name} {w:+.3g}" for name, w in zip(fusion["features"], fusion["weights"]))
+        held = record["held_out"]
+        text += (f"; fused with the frozen backbone's likelihood of each step by a logistic fit on {fusion['fit_steps']} "
+                 f"steps of {record['fusion_records']} solutions held out from the head (weights: {weights}; loss "
+                 f"{fusion['fit_loss']:.3f} against the label prior's {fusion['prior_loss']:.3f}). A step counts as wrong "
+                 f"below {record['threshold']:g}, the threshold of best F1 on those held-out solutions "
+                 f"(F1 {held['f1']:.3f} on {held['solutions']}).")
+    else:
+        text += (f". A step counts as wrong below {record.get('threshold', 0.5):g}. On arith this head alone selects far worse "
+                 "than majority voting; the default recipe (`--prm_fusion true`) fuses it with the backbone's likelihood.")
+    return text
+
+
 def write_report(pipeline) -> dict:
     """Write report/report.md, report/report.json and report/accuracy_vs_n.png; return the figures."""
     state, a = pipeline.state, pipeline.args
     out = pipeline.dir("report")
     before, after = score_with_prm(pipeline, "before"), score_with_prm(pipeline, "after")
+    prm = state["prm"]
+    scorer = load_scorer(prm["model"], "treetune", step_mode="line")
+    f1 = {which: prm_f1_on_samples(scorer, state[f"eval_{which}"]["trees"], prm.get("threshold", 0.5)) for which in ("before", "after")}
     n = str(before["n_values"][-1])
     table = {
         "greedy": (state["eval_before"]["greedy"], state["eval_after"]["greedy"]),
         f"majority@{n}": (before["selectors"]["majority"][n]["accuracy"], after["selectors"]["majority"][n]["accuracy"]),
         f"pass@{n}": (before["pass_at_k"][n], after["pass_at_k"][n]),
-        f"PRM best-of-{n} (last step)": (before["selectors"]["prm_last"][n]["accuracy"], after["selectors"]["prm_last"][n]["accuracy"]),
         f"PRM best-of-{n} (min step)": (before["selectors"]["prm_min"][n]["accuracy"], after["selectors"]["prm_min"][n]["accuracy"]),
-        f"PRM-weighted majority@{n}": (before["selectors"]["weighted_prm_last"][n]["accuracy"],
-                                       after["selectors"]["weighted_prm_last"][n]["accuracy"]),
+        f"PRM best-of-{n} (last step)": (before["selectors"]["prm_last"][n]["accuracy"], after["selectors"]["prm_last"][n]["accuracy"]),
+        f"PRM-weighted majority@{n} (min step)": (before["selectors"]["weighted_prm_min"][n]["accuracy"],
+                                                  after["selectors"]["weighted_prm_min"][n]["accuracy"]),
+        f"PRM-weighted majority@{n} (last step)": (before["selectors"]["weighted_prm_last"][n]["accuracy"],
+                                                   after["selectors"]["weighted_prm_last"][n]["accuracy"]),
     }
+    f1_label = f"PRM F1 against the exact checker (threshold {prm.get('threshold', 0.5):g})"
     plot = out / "accuracy_vs_n.png"
     plot_before_after(before, after, plot, f"arith test, {a.bon_problems} problems: before and after Step-DPO")
     trees = state["trees"]
+    solutions = {which: f1[which]["erroneous"] + f1[which]["correct"] for which in f1}
     lines = [
         "# treetune main job: report", "",
         f"Policy `{state['policy']['model']}`, trained with Step-DPO on pairs from TreePO trees. "
         f"Greedy on {a.eval_problems} arith test problems; best-of-N on the first {a.bon_problems}, N up to {n} "
-        f"(temperature 1, {before.get('subsamples', '')} subsamples per N below the maximum).", "",
+        f"(temperature 1, {before.get('subsamples', '')} subsamples per N below the maximum). "
+        f"The PRM rows use {PRM_KINDS[prm.get('kind', 'head')]}; its recipe is under *PRM and pairs*.", "",
         "| metric | before | after | change (points) |", "|---|---|---|---|",
-        *[_row(label, b, f) for label, (b, f) in table.items()], "",
+        *[_row(label, b, f) for label, (b, f) in table.items()],
+        _f1_row(f1_label, f1["before"]["f1"], f1["after"]["f1"]), "",
+        f"The F1 row scores every step of the best-of-N samples ({solutions['before']} solutions before, "
+        f"{solutions['after']} after) against the exact arith checker, ProcessBench's way: a solution's predicted "
+        f"first error is its first step scoring below the threshold. Before: acc_err {f1['before']['acc_err']:.3f} "
+        f"({f1['before']['erroneous']} wrong solutions), acc_corr {f1['before']['acc_corr']:.3f} "
+        f"({f1['before']['correct']} right); the best threshold on these samples themselves would be "
+        f"{f1['before']['best_threshold_on_these_samples']:g} (F1 {f1['before']['f1_at_that_best']:.3f}).", "",
         f"![accuracy against N, before and after]({plot.name})", "",
         "## TreePO trees", "",
         f"{trees['problems']} training problems, {trees['trajectories']} trajectories; decoded "
@@ -89,6 +155,7 @@ def write_report(pipeline) -> dict:
         f"{trees['flat_equivalent_tokens']:,}: **{trees['tokens_saved_share']:.1%} saved** by shared prefixes. "
         f"Trajectory accuracy {trees['trajectory_accuracy']:.1%}, problems with a correct trajectory {trees['pass_at_all']:.1%}.", "",
         "## PRM and pairs", "",
+        describe_prm(prm), "",
         f"PRM labels: {state['prm_labels']['solutions']} solutions from {state['prm_labels']['trees']} trees, "
         f"{state['prm_labels']['kept_after_consensus']} kept after consensus with the exact checker, "
         f"{state['prm_labels']['step_labels']} step labels ({state['prm_labels']['positive_share']:.1%} positive).",
@@ -106,7 +173,10 @@ def write_report(pipeline) -> dict:
     lines += ["", f"Stage time so far: {total / 60:.1f} minutes (the report's own scoring comes on top)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     figures = {"table": {k: {"before": b, "after": f} for k, (b, f) in table.items()},
+               "prm": {"kind": prm.get("kind", "head"), "description": PRM_KINDS[prm.get("kind", "head")],
+                       "threshold": prm.get("threshold", 0.5), "f1_against_checker": f1, "held_out": prm.get("held_out")},
                "tokens_saved_share": trees["tokens_saved_share"], "stage_seconds": {k: v.get("seconds") for k, v in state.items()},
                "report": str(out / "report.md"), "plot": str(plot)}
+    figures["table"][f1_label] = {"before": f1["before"]["f1"], "after": f1["after"]["f1"]}
     (out / "report.json").write_text(json.dumps(figures, indent=2))
     return figures

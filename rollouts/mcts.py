@@ -12,7 +12,8 @@ One simulation from the current search root:
 - evaluation: every new child gets a value in [-1, 1]: at a finished node the outcome verifier's
   +1 / -1 (`terminal_value="verifier"`, the training-data setting, which needs the gold answer) or
   the scorer (`"scorer"`, for test-time search); at an inner node 2 * v - 1 from the injected path
-  value v in [0, 1] (a PRM, the arith checker, the policy's own `SelfEvaluation`), or 0 without one;
+  value v in [0, 1] (a PRM, the arith checker, the policy's own self-evaluation
+  `treetune.rewards.scorers.self_eval`), or 0 without one;
 - backup: each new child starts at N = 1, Q = its value, and every node on the path adds the
   children's values and count. So N(s) counts the evaluations in s's subtree (its own included)
   and Q(s) is their mean: the visit-weighted mean of the children's Q, with s's own value as one
@@ -39,23 +40,12 @@ self-evaluation prompt here carries no reference solution.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-from treetune.rollouts.engines import Engine, GenerationRequest, SamplingSettings
-from treetune.rollouts.step_search import (
-    PathValue,
-    StepScorer,
-    StepSettings,
-    Verifier,
-    add_steps,
-    as_path_value,
-    evaluate_paths,
-    mark_pick,
-    step_request,
-)
-from treetune.rollouts.stopping import request_seed
+from treetune.rollouts.engines import Engine
+from treetune.rollouts.scoring import PathValue, StepScorer, as_path_value
+from treetune.rollouts.step_search import StepSettings, Verifier, add_steps, evaluate_paths, mark_pick, step_request
 from treetune.rollouts.tree import Node, ReasoningTree
 
 
@@ -158,44 +148,6 @@ def reset_subtree(tree: ReasoningTree, node_id: int) -> None:
             node.scores.update(visits=1, q=node.scores["value"])
 
 
-# -- self-evaluation ----------------------------------------------------------------------------
-SELF_EVAL_TEMPLATE = "{question}\n{solution}\nIs the last step correct? Answer yes or no.\nAnswer:"
-
-
-class SelfEvaluation:
-    """The policy judging its own partial solution (MCTS-DPO's self-evaluation) as a path value: the
-    share of `samples` short sampled answers whose first word is positive ("yes", "correct", "B").
-
-    MCTS-DPO reads the probability of the positive tokens directly; the engine protocol returns
-    sampled tokens only, so it is estimated by sampling, batched like any other request.
-    """
-
-    name = "self_eval"
-
-    def __init__(self, engine: Engine, tokenizer, template: str = SELF_EVAL_TEMPLATE,
-                 positive: Sequence[str] = ("yes", "correct", "b", "true"), samples: int = 8, max_tokens: int = 3,
-                 temperature: float = 1.0, seed: int = 0):
-        self.engine, self.tokenizer, self.template = engine, tokenizer, template
-        self.positive = {p.lower() for p in positive}
-        self.samples, self.max_tokens, self.temperature, self.seed = samples, max_tokens, temperature, seed
-        self.generated_tokens = 0
-
-    def __call__(self, problems: Sequence[str], paths: Sequence[Sequence[str]]) -> list[float]:
-        requests = []
-        for i, (question, steps) in enumerate(zip(problems, paths)):
-            text = self.template.format(question=question, solution="\n".join(steps))
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            requests.append(GenerationRequest(ids, SamplingSettings(
-                n=self.samples, temperature=self.temperature, max_tokens=self.max_tokens, logprobs=False,
-                seed=request_seed(self.seed, question, i))))
-        values = []
-        for result in self.engine.generate(requests):
-            words = [re.findall(r"[a-z]+", c.text.lower())[:1] for c in result.completions]
-            self.generated_tokens += sum(len(c.token_ids) for c in result.completions)
-            values.append(sum(1 for w in words if w and w[0] in self.positive) / max(1, len(words)))
-        return values
-
-
 # -- the sampler --------------------------------------------------------------------------------
 class _State:
     def __init__(self, tree: ReasoningTree, budget: int):
@@ -211,7 +163,7 @@ class _State:
 
 class MCTSSampler:
     """MCTS rollouts (see the module doc). `scorer` values inner nodes (a step scorer, read through
-    `settings.aggregation`, or a path value such as `SelfEvaluation`); `verifier` grades finished
+    `settings.aggregation`, or a path value such as self-evaluation); `verifier` grades finished
     nodes against the gold answer when `terminal_value="verifier"`."""
 
     name = "mcts"

@@ -1,4 +1,6 @@
-"""A rollout run: problems in, trees on disk out, resumable, with a summary.
+"""A rollout run: problems in, trees on disk out, resumable, with a summary; and the recipe parts
+every job that samples shares (`EngineArgs`, `SamplingArgs`; problems come from `ProblemArgs`,
+the scorer from `ScorerArgs`).
 
 Problems go to the sampler in batches; each tree is scored (when a scorer is given) and written
 the moment it is finished, so a killed run restarted on the same output folder skips every
@@ -11,14 +13,18 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from treetune.data import Problem, PromptTemplate
+from treetune.data import Problem, ProblemArgs, PromptTemplate
+from treetune.data.arith import tiny_policy
+from treetune.data.prompts import STYLES
+from treetune.data.steps import step_separator
 from treetune.rollouts.engines import HFEngine, VLLMEngine
 from treetune.rollouts.engines.server_pool import VLLMServerPool
 from treetune.rollouts.flat import FlatSampler, FlatSettings
 from treetune.rollouts.mcts import MCTSSampler, MCTSSettings
+from treetune.rollouts.scoring import AGGREGATIONS, ScorerArgs, next_part_checks
 from treetune.rollouts.step_search import BeamSearchSampler, BeamSettings, DVTSSampler, DVTSSettings
 from treetune.rollouts.tree import ReasoningTree
 from treetune.rollouts.tree_io import TreeWriter, read_trees
@@ -26,55 +32,154 @@ from treetune.rollouts.treepo import TreePOSampler, TreePOSettings
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("vllm", "servers", "hf")
+
+
+def redefault(part: type, name: str, value):
+    """The field `name` of the recipe part `part` with another default and the same help, for a
+    job whose default differs: `temperature: float = redefault(SamplingArgs, "temperature", 0.8)`."""
+    by_name = {f.name: f for f in fields(part)}
+    if name not in by_name:
+        raise AttributeError(f"{part.__name__} has no field {name!r}")
+    return field(default=value, metadata=dict(by_name[name].metadata))
+
 
 @dataclass
-class RolloutArgs:
-    output_dir: str = "outputs/rollout"
-    model_name_or_path: str | None = None  # empty: the arith tiny policy
-    engine: str = "vllm"  # vllm | servers (with server_urls) | hf
-    server_urls: str | None = None  # comma-separated `vllm serve` base URLs, for engine=servers
-    source: str = "arith"
-    split: str = "test"
-    data_path: str | None = None
-    limit: int | None = 200
-    prompt_style: str | None = None  # empty: bare for the tiny policy, chat when the tokenizer has a template, else plain
-    sampler: str = "treepo"  # treepo | flat | beam | dvts | mcts
-    trajectories: int = 16  # finished trajectories per problem (flat: samples per problem)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256  # per trajectory
-    seed: int = 0
-    segment_tokens: int = 8
-    max_depth: int = 16
-    branch: int = 2
-    init_divergence: int = 2
-    init_divergence_max: int | None = None
-    budget: str = "even"
-    logprob_temperature: float = 2.0
-    favour: str = "low"
-    stop_on_boxed: bool = True
-    fallback: bool = True
-    fork: str = "fixed"  # treepo: fixed (fork b ways every segment) | coupled (fork where iid samples would diverge)
-    coupled_top_k: int = 8  # treepo fork=coupled: top log-probs per position for the forking draw
-    # step search (beam, dvts, mcts): a node is one step, cut at step_delimiter, at most step_tokens
-    scorer: str | None = None  # the step scorer driving the search: arith_checker, self_eval, or a PRM folder
-    prm_separator: str = "\n"
-    step_delimiter: str = "\n"
-    step_tokens: int = 64
-    search_width: int = 4  # beam: survivors M; dvts: candidates per subtree M; mcts: candidates per expansion k
-    aggregation: str = "last"  # step scores -> path value: last | min | product | mean
-    mcts_iterations: int = 8  # simulations per search (per move with move_root)
-    mcts_root_iterations: int | None = None
-    c_puct: float = 1.0
-    length_penalty: float = 1.25
-    move_root: bool = True
-    reuse_subtree: bool = True
-    mcts_max_children: int = 0  # > search_width: progressive widening up to this many children per node
-    terminal_value: str = "verifier"  # mcts finished nodes: verifier (gold answer, +1/-1) | scorer
-    batch_problems: int = 64
-    shard_size: int = 256
-    grade: bool = True
-    kv_cache_gb: float | None = None
+class EngineArgs:
+    """The policy and the engine that samples it."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "The policy: a local checkpoint or a hub name; empty: the arith tiny policy (built on first use)."})
+    engine: str = field(default="vllm", metadata={
+        "help": "vllm (in-process vLLM, prefix caching on), servers (a pool of `vllm serve` URLs, --server_urls) "
+                "or hf (transformers.generate, where vLLM is not installed)."})
+    server_urls: str | None = field(default=None, metadata={
+        "help": "Comma-separated base URLs of `vllm serve` servers, for --engine servers."})
+    kv_cache_gb: float | None = field(default=None, metadata={
+        "help": "KV-cache size in GB of the in-process vLLM engine; empty: 1 GB on a CPU ($TREETUNE_KV_CACHE_GB), "
+                "vLLM's share of GPU memory on a GPU."})
+    prompt_style: str | None = field(default=None, metadata={
+        "help": f"How a question becomes a prompt: {', '.join(STYLES)}; empty: bare for the arith tiny policy, "
+                "chat when the tokenizer has a chat template, else plain."})
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"field 'engine': unknown engine {self.engine!r}; expected one of {', '.join(ENGINES)}")
+        if self.prompt_style is not None and self.prompt_style not in STYLES:
+            raise ValueError(f"field 'prompt_style': unknown style {self.prompt_style!r}; expected one of "
+                             f"{', '.join(STYLES)}")
+        next_part_checks(EngineArgs, self)
+
+    def make_engine(self, model: str | None = None, seed: int = 0):
+        """The engine serving `model` (default: `model_name_or_path`, else the arith tiny policy)."""
+        model = model or self.model_name_or_path or tiny_policy()
+        if self.engine == "servers":
+            if not self.server_urls:
+                raise ValueError("engine 'servers' needs --server_urls http://host:port[,http://host2:port]")
+            return VLLMServerPool([u.strip() for u in self.server_urls.split(",") if u.strip()], model=model)
+        if self.engine == "hf":
+            return HFEngine(model)
+        return VLLMEngine(model, seed=seed, kv_cache_gb=self.kv_cache_gb)
+
+    def prompt_template(self, tokenizer) -> PromptTemplate:
+        """The prompt template `prompt_style` asks for, or the default for this policy and tokenizer."""
+        return PromptTemplate(style=default_prompt_style(self.prompt_style, bool(self.model_name_or_path), tokenizer))
+
+
+@dataclass
+class SamplingArgs:
+    """How the policy samples."""
+
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest token set of this much mass."})
+    max_tokens: int = field(default=256, metadata={"help": "At most this many generated tokens per solution."})
+    seed: int = field(default=0, metadata={
+        "help": "Sampling seed: every request's seed derives from it, the problem and the node, so a resumed run "
+                "samples what the first would have."})
+
+
+@dataclass
+class SearchArgs:
+    """Step search (beam, dvts, mcts): a node is one step, cut at the step delimiter, driven by the scorer."""
+
+    step_delimiter: str | None = field(default=None, metadata={
+        "help": "beam/dvts/mcts: a step ends at this text (typed as \\n on a command line); empty: the separator "
+                "of --step_mode."})
+    step_tokens: int = field(default=64, metadata={"help": "beam/dvts/mcts: at most this many tokens per step."})
+    search_width: int = field(default=4, metadata={
+        "help": "beam: survivors M per step; dvts: candidates per subtree M; mcts: candidates per expansion k."})
+    aggregation: str = field(default="last", metadata={
+        "help": f"Step scores -> path value while searching: {', '.join(AGGREGATIONS)}."})
+    mcts_iterations: int = field(default=8, metadata={"help": "mcts: simulations per search (per move with move_root)."})
+    mcts_root_iterations: int | None = field(default=None, metadata={
+        "help": "mcts: simulations of the first search (MCTS-DPO: 4x); empty: mcts_iterations."})
+    c_puct: float = field(default=1.0, metadata={"help": "mcts: the PUCT exploration constant."})
+    length_penalty: float = field(default=1.25, metadata={
+        "help": "mcts: lambda in the step prior exp(sum log p / len^lambda)."})
+    move_root: bool = field(default=True, metadata={
+        "help": "mcts: after each search move the root to its most-visited child (MCTS-DPO)."})
+    reuse_subtree: bool = field(default=True, metadata={"help": "mcts: keep the new root's statistics when moving."})
+    mcts_max_children: int = field(default=0, metadata={
+        "help": "mcts: > search_width allows progressive widening up to this many children per node; 0: expand once."})
+    terminal_value: str = field(default="verifier", metadata={
+        "help": "mcts: finished nodes valued by the verifier (the gold answer, +1/-1: training data only) or by "
+                "the scorer (test-time search)."})
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"field 'aggregation': unknown aggregation {self.aggregation!r}; expected one of "
+                             f"{', '.join(AGGREGATIONS)}")
+        if self.terminal_value not in ("verifier", "scorer"):
+            raise ValueError(f"field 'terminal_value': expected verifier or scorer, not {self.terminal_value!r}")
+        next_part_checks(SearchArgs, self)
+
+
+@dataclass
+class RolloutArgs(ScorerArgs, SearchArgs, SamplingArgs, EngineArgs, ProblemArgs):
+    """A rollout: problems, engine, sampling, step search and its scorer, then the sampler's own fields."""
+
+    output_dir: str = field(default="outputs/rollout", metadata={
+        "help": "Where the trees (trees/trees-*.jsonl), config.json and metrics.json go; rerun on it to resume."})
+    limit: int | None = redefault(ProblemArgs, "limit", 200)
+    sampler: str = field(default="treepo", metadata={"help": "treepo | flat | beam | dvts | mcts."})
+    trajectories: int = field(default=16, metadata={
+        "help": "Finished trajectories per problem (TreePO's w; flat: samples per problem; beam/dvts: N)."})
+    max_depth: int = field(default=16, metadata={"help": "treepo: segments per path; beam/dvts/mcts: steps per path."})
+    stop_on_boxed: bool = field(default=True, metadata={"help": "End a path at its first finished \\boxed{} answer."})
+    # TreePO
+    segment_tokens: int = field(default=8, metadata={"help": "treepo: tokens per segment (a node), TreePO's l."})
+    branch: int = field(default=2, metadata={"help": "treepo: children per live path per step, at most (b)."})
+    init_divergence: int = field(default=2, metadata={"help": "treepo: children of the root."})
+    init_divergence_max: int | None = field(default=None, metadata={
+        "help": "treepo: draw the root's children uniformly from [init_divergence, this]; empty: exactly init_divergence."})
+    budget: str = field(default="even", metadata={
+        "help": "treepo: how the branching budget splits over live paths: even, or logprob (a softmax of their "
+                "mean token log-probs)."})
+    logprob_temperature: float = field(default=2.0, metadata={"help": "treepo budget=logprob: the softmax temperature."})
+    favour: str = field(default="low", metadata={
+        "help": "treepo budget=logprob: more branches to low- or high-probability paths (low | high)."})
+    fallback: bool = field(default=True, metadata={
+        "help": "treepo: when no path is alive but fewer than w finished, re-fork a finished path at a random "
+                "segment boundary."})
+    fork: str = field(default="fixed", metadata={
+        "help": "treepo: fixed (fork b ways every segment) | coupled (fork where independent samples would "
+                "diverge, so the leaves are iid)."})
+    coupled_top_k: int = field(default=8, metadata={"help": "treepo fork=coupled: top log-probs read per position."})
+    batch_problems: int = field(default=64, metadata={"help": "Problems grown together (one engine batch per step)."})
+    shard_size: int = field(default=256, metadata={"help": "Trees per JSONL shard on disk."})
+    grade: bool = field(default=True, metadata={"help": "Grade every finished trajectory against the gold answer."})
+
+    @property
+    def delimiter(self) -> str:
+        """The step search's delimiter: `step_delimiter` (backslash escapes decoded), else the step mode's."""
+        return search_delimiter(self.step_delimiter, self.step_mode)
+
+
+def search_delimiter(step_delimiter: str | None, step_mode: str) -> str:
+    """`step_delimiter` as typed (a command line's backslash-n decoded), or the separator of `step_mode`."""
+    if not step_delimiter:
+        return step_separator(step_mode)
+    return step_delimiter.encode().decode("unicode_escape") if "\\" in step_delimiter else step_delimiter
 
 
 def make_sampler(args: RolloutArgs, step_scorer=None, verifier=None):
@@ -96,10 +201,7 @@ def make_sampler(args: RolloutArgs, step_scorer=None, verifier=None):
 
 
 def _make_search_sampler(args: RolloutArgs, step_scorer, verifier):
-
-    # a delimiter typed on a command line arrives as the characters backslash, n
-    delimiter = args.step_delimiter.encode().decode("unicode_escape") if "\\" in args.step_delimiter else args.step_delimiter
-    common = dict(step_delimiter=delimiter, step_tokens=args.step_tokens, max_depth=args.max_depth,
+    common = dict(step_delimiter=args.delimiter, step_tokens=args.step_tokens, max_depth=args.max_depth,
                   max_response_tokens=args.max_tokens, stop_on_boxed=args.stop_on_boxed, aggregation=args.aggregation,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.sampler == "beam":
@@ -113,19 +215,9 @@ def _make_search_sampler(args: RolloutArgs, step_scorer, verifier):
         **common), step_scorer, verifier)
 
 
-def make_engine(args: RolloutArgs, model: str):
-    if args.engine == "vllm":
-
-        return VLLMEngine(model, seed=args.seed, kv_cache_gb=args.kv_cache_gb)
-    if args.engine == "servers":
-
-        if not args.server_urls:
-            raise ValueError("engine 'servers' needs --server_urls http://host:port[,http://host2:port]")
-        return VLLMServerPool([u.strip() for u in args.server_urls.split(",") if u.strip()], model=model)
-    if args.engine == "hf":
-
-        return HFEngine(model)
-    raise ValueError(f"unknown engine {args.engine!r}; expected vllm, servers or hf")
+def make_engine(args: EngineArgs, model: str | None = None, seed: int | None = None):
+    """`args.make_engine`, seeded by the recipe's sampling seed when it has one."""
+    return args.make_engine(model, seed=seed if seed is not None else getattr(args, "seed", 0))
 
 
 def default_prompt_style(requested: str | None, model_given: bool, tokenizer) -> str:

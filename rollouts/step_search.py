@@ -17,9 +17,10 @@ candidate stays in the tree (pruned ones as unfinished leaves), with its path va
 Both follow HF search-and-learn, whose `beam_width` is the number of children per survivor
 (N/M here for beam search, M for DVTS): N/M = M = 4 compares the two like for like.
 
-The scorer is injected (rollouts never import rewards): any object with the step-scorer shape
-`score(problems, solutions) -> per-step scores in [0, 1]` (PRMs, the arith checker), read as a path
-value through an aggregation, or a `PathValue` callable giving one value per partial path.
+The scorer is injected (rollouts never import rewards): any step scorer of `scoring.py`
+(`score(problems, solutions) -> per-step scores in [0, 1]`: PRMs, the arith checker, the tool),
+read as a path value through an aggregation, or a `PathValue` callable giving one value per
+partial path (self-evaluation).
 Identical candidate paths are scored once; a finished path that states no final answer is worth 0.
 The MCTS sampler (`mcts.py`) reuses the step machinery here.
 """
@@ -27,66 +28,22 @@ The MCTS sampler (`mcts.py`) reuses the step machinery here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from treetune.data.answers import extract_answer
 from treetune.rollouts.engines import Engine, GenerationRequest, RequestResult, SamplingSettings
+from treetune.rollouts.scoring import AGGREGATIONS, PathValue, StepScorer, as_path_value
 from treetune.rollouts.stopping import finish_reason_for, request_seed
 from treetune.rollouts.tree import Node, ReasoningTree
 
 
 # -- injected parts ----------------------------------------------------------------------------
-class StepScorer(Protocol):
-    """The shape of `treetune.rewards.scorers.arith_checker.StepScorer`: one score in [0, 1] per step."""
-
-    name: str
-
-    def score(self, problems: Sequence[str], solutions: Sequence[Sequence[str]]) -> list[list[float]]: ...
-
-
-class PathValue(Protocol):
-    """One value in [0, 1] for each partial path (problem text, its steps so far)."""
-
-    def __call__(self, problems: Sequence[str], paths: Sequence[Sequence[str]]) -> list[float]: ...
-
-
 class Verifier(Protocol):
     """The outcome grader's shape (`treetune.rewards.grading.Grader`): is each output's answer the gold one."""
 
     def grade_many(self, outputs: Sequence[str], golds: Sequence[str]) -> list[bool]: ...
-
-
-AGGREGATIONS: dict[str, Callable[[list[float]], float]] = {
-    "last": lambda s: s[-1],
-    "min": min,
-    "product": math.prod,
-    "mean": lambda s: sum(s) / len(s),
-}
-
-
-class ScorerValue:
-    """A step scorer read as a path value: its step scores aggregated (last, min, product, mean)."""
-
-    def __init__(self, scorer: StepScorer, aggregation: str = "last"):
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
-        self.scorer, self.aggregation = scorer, aggregation
-        self.name = getattr(scorer, "name", type(scorer).__name__)
-
-    def __call__(self, problems: Sequence[str], paths: Sequence[Sequence[str]]) -> list[float]:
-        if not paths:
-            return []
-        scores = self.scorer.score(list(problems), [list(p) for p in paths])
-        return [float(AGGREGATIONS[self.aggregation](list(s))) if s else 0.0 for s in scores]
-
-
-def as_path_value(scorer: StepScorer | PathValue | None, aggregation: str = "last") -> PathValue | None:
-    """A step scorer (anything with `.score`) wrapped by `ScorerValue`; a path value as it is."""
-    if scorer is None or not hasattr(scorer, "score"):
-        return scorer
-    return ScorerValue(scorer, aggregation)
 
 
 # -- settings ----------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ def _run(tmp_path, *extra):
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_arith_run_matches_its_own_problem_file(tmp_path, tiny_policy_path):
-    metrics = _run(tmp_path, "--config", str(ROOT / "configs" / "eval" / "arith.yaml"), "--limit", "24", "--n", "8")
+    metrics = _run(tmp_path, "--config", str(ROOT / "configs" / "best_of_n" / "arith.yaml"), "--limit", "24", "--n", "8")
     assert metrics["n_values"] == [1, 2, 4, 8] and metrics["problems"] == 24
     rows = [json.loads(line) for line in (tmp_path / "problems.jsonl").open()]
     assert len(rows) == 24 and all(len(r["samples"]) == 8 for r in rows)
@@ -101,7 +102,7 @@ def test_arith_run_matches_its_own_problem_file(tmp_path, tiny_policy_path):
     assert (tmp_path / "accuracy_vs_n.png").stat().st_size > 10_000
     assert "| majority |" in (tmp_path / "summary.md").read_text()
     # a second run on the same folder samples nothing new and gives the same numbers
-    again = _run(tmp_path, "--config", str(ROOT / "configs" / "eval" / "arith.yaml"), "--limit", "24", "--n", "8")
+    again = _run(tmp_path, "--config", str(ROOT / "configs" / "best_of_n" / "arith.yaml"), "--limit", "24", "--n", "8")
     assert again == metrics
 
 
@@ -109,6 +110,7 @@ def test_arith_run_matches_its_own_problem_file(tmp_path, tiny_policy_path):
     ("gsm8k", "gsm8k/test.jsonl", ""),
     ("math500", "math500/test.jsonl", "level,subject"),
 ])
+@pytest.mark.slow
 def test_real_data_end_to_end(tmp_path, tiny_policy_path, shared_data, source, file, groups):
     metrics = _run(tmp_path, "--source", source, "--data_path", str(shared_data / file), "--limit", "12", "--n", "4",
                    "--max_tokens", "64", "--group_by", groups)

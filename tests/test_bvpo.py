@@ -33,7 +33,8 @@ def arith_pairs(count: int, offset: int = 0) -> list[BVPOPair]:
 
 def test_mixed_loss_is_the_weighted_sum_of_the_two_dpo_losses(tmp_path, tiny_policy_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from treetune.trainers.bvpo.trainer import BVPOConfig, BVPOTrainer, build_bvpo_dataset
+    from treetune.trainers.bvpo.config import BVPOConfig
+    from treetune.trainers.bvpo.trainer import BVPOTrainer, build_bvpo_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
     pairs = arith_pairs(4)
@@ -82,7 +83,8 @@ def test_mixed_loss_is_the_weighted_sum_of_the_two_dpo_losses(tmp_path, tiny_pol
 
 def test_alpha_one_is_trace_only_dpo_and_alpha_is_validated(tmp_path, tiny_policy_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from treetune.trainers.bvpo.trainer import BVPOConfig, BVPOTrainer, build_bvpo_dataset, match_pairs, parse_alpha
+    from treetune.trainers.bvpo.config import BVPOConfig, parse_alpha
+    from treetune.trainers.bvpo.trainer import BVPOTrainer, build_bvpo_dataset, match_pairs
 
     assert parse_alpha("auto") is None and parse_alpha("0.25") == 0.25
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
@@ -211,17 +213,21 @@ def dual_policy() -> str:
     return dual_mode_policy(quiet=True)
 
 
+@pytest.mark.slow
 def test_data_builder_on_the_dual_mode_policy_makes_pairs_in_both_modes_and_resumes(tmp_path, dual_policy):
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
-    from treetune.trainers.bvpo.pairs import BVPODataArgs, build_bvpo_pairs, make_scorer
+    from treetune.launch.bvpo_data import BVPODataArgs
+    from treetune.trainers.bvpo.pairs import build_bvpo_pairs, response_scorer
 
     problems = arith_problems("train", limit=12)
     args = BVPODataArgs(output_dir=str(tmp_path / "pairs"), samples=6, temperature=1.0, max_tokens=96,
                         batch_problems=4)
+    out = args.output_dir
     with Grader(processes=1) as grader, VLLMEngine(dual_policy, kv_cache_gb=0.25) as engine:
-        scorer = make_scorer(args, grader)
-        summary = build_bvpo_pairs(args, engine, engine.tokenizer, problems[:8], PromptTemplate(style="bare"), scorer)
+        scorer = response_scorer(args.scorer, args.scorer_format, grader)
+        summary = build_bvpo_pairs(out, engine, engine.tokenizer, problems[:8], PromptTemplate(style="bare"), scorer,
+                                   args, args, batch_problems=args.batch_problems)
         for mode in ("trace", "empty"):
             assert summary[mode]["pairs"] >= 1, summary
             assert summary[mode]["pairs"] + sum(summary[mode]["why_no_pairs"].values()) == 8
@@ -235,7 +241,8 @@ def test_data_builder_on_the_dual_mode_policy_makes_pairs_in_both_modes_and_resu
         # a killed run: a pair without its status line is dropped; then the run resumes with 4 more problems
         with open(summary["pairs_file"], "a") as handle:
             handle.write(BVPOPair(prompt="Q", chosen="a", rejected="b", mode="trace", problem_id=problems[9].id).to_json() + "\n")
-        again = build_bvpo_pairs(args, engine, engine.tokenizer, problems, PromptTemplate(style="bare"), scorer)
+        again = build_bvpo_pairs(out, engine, engine.tokenizer, problems, PromptTemplate(style="bare"), scorer,
+                                 args, args, batch_problems=args.batch_problems)
     lines = [json.loads(l) for l in open(again["pairs_file"])]
     keys = [(l["problem_id"], l["mode"]) for l in lines]
     assert len(keys) == len(set(keys)) and "Q" not in [l["prompt"] for l in lines]
@@ -244,6 +251,7 @@ def test_data_builder_on_the_dual_mode_policy_makes_pairs_in_both_modes_and_resu
     assert again["trace"]["pairs"] + sum(again["trace"]["why_no_pairs"].values()) == 12
 
 
+@pytest.mark.slow
 def test_training_with_auto_alpha_logs_alpha_and_lowers_both_losses(tmp_path, tiny_policy_path):
     from treetune.trainers.bvpo.trainer import main
 
@@ -269,7 +277,9 @@ def test_reward_model_and_verifier_scorers_rank_responses(tmp_path, tiny_policy_
     """Any scorer plugs into the builder: a (randomly initialised, tiny) sequence-classification reward
     model scores deterministically, one score per response; the exact arith checker prefers the gold solution."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
-    from treetune.trainers.bvpo.pairs import BVPODataArgs, final_part, make_scorer, pick_pair
+    from treetune.launch.bvpo_data import RENAMED, BVPODataArgs
+    from treetune.trainers.bvpo.pairs import final_part, pick_pair, response_scorer
+    from treetune.trainers.common import parse_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
     torch.manual_seed(0)
@@ -280,11 +290,16 @@ def test_reward_model_and_verifier_scorers_rank_responses(tmp_path, tiny_policy_
     tokenizer.save_pretrained(tmp_path / "rm")
     problems = arith_problems("train", limit=2)
     responses = [problems[0].solution, "The answer is \\boxed{0}", problems[1].solution]
-    rm = make_scorer(BVPODataArgs(scorer="reward_model", scorer_path=str(tmp_path / "rm")))
+    rm = response_scorer(str(tmp_path / "rm"), "reward_model")
+    # the old spelling, --scorer reward_model --scorer_path PATH, still reaches the same scorer (with a warning)
+    with pytest.warns(FutureWarning, match="scorer_format reward_model"):
+        (old,) = parse_config((BVPODataArgs,), ["--scorer", "reward_model", "--scorer_path", str(tmp_path / "rm")],
+                              renamed=RENAMED)
+    assert (old.scorer, old.scorer_format) == (str(tmp_path / "rm"), "reward_model")
     scores = rm.score([problems[0], problems[0], problems[1]], responses)
     assert len(scores) == 3 and len(set(scores)) == 3
     assert rm.score([problems[0]], responses[:1])[0] == pytest.approx(scores[0], abs=1e-5)  # padding does not matter
-    checker = make_scorer(BVPODataArgs(scorer="arith_checker"))
+    checker = response_scorer("arith_checker")
     trace = "<think>\nscratch\n</think>\n\n" + problems[0].solution  # only the part after the trace is judged
     assert final_part(trace) == "\n\n" + problems[0].solution
     assert checker.score([problems[0]] * 2, [trace, responses[1]]) == [1.0, 0.0]

@@ -104,6 +104,7 @@ def test_cpu_launches_get_a_gloo_backend(monkeypatch):
     assert detect(None, cpu=True)[1] == DistributedType.MULTI_CPU  # accelerate's own --cpu path, untouched
 
 
+@pytest.mark.slow
 def test_ddp_over_gloo(ddp_run, tiny_policy_path):
     out, records = ddp_run
     for record in records:
@@ -113,6 +114,7 @@ def test_ddp_over_gloo(ddp_run, tiny_policy_path):
     _assert_full_model(out, tiny_policy_path, records[0]["weights_checksum"])
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2(tmp_path, tiny_policy_path, ddp_run):
     out = tmp_path / "zero2"
     records = _launch("zero2.yaml", out, tiny_policy_path, *SHORT, "--save_strategy", "steps", "--save_steps", "4")
@@ -135,6 +137,7 @@ def test_deepspeed_zero2(tmp_path, tiny_policy_path, ddp_run):
     assert records[0]["weights_checksum"] == pytest.approx(ddp["weights_checksum"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_resume_and_vllm(tmp_path, tiny_policy_path):
     flags = ("--max_steps", "5", "--num_pairs", "12", "--save_strategy", "steps", "--save_steps", "2")
     full = _launch("zero3.yaml", tmp_path / "full", tiny_policy_path, *flags)

@@ -280,10 +280,11 @@ def test_rationale_records(tool, tmp_path):
     assert "Step 2: 5+1=7" in wrong["prompt"] and "Step 1: 2+3=5" in wrong["prompt"]
     assert wrong["prompt"].count("<verify>") == 1 + 1  # the instructions mention it, and step 1's rationale
     # the SFT recipe reads them as prompt / completion records
-    from treetune.trainers.sft.trainer import SFTScriptArguments, training_records
+    from treetune.trainers.sft.config import SFTScriptArguments
+    from treetune.trainers.sft.trainer import training_records
 
     path = gp.write_records(records, tmp_path / "rationale.jsonl")
-    rows = training_records(SFTScriptArguments(dataset_source="records", dataset_path=str(path)))
+    rows = training_records(SFTScriptArguments(source="records", data_path=str(path)))
     assert rows == [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
     assert json.loads(path.read_text().splitlines()[0])["messages"][0]["role"] == "system"
 
@@ -315,8 +316,100 @@ def test_simulations_from_the_policy_feed_the_backup(tool, tiny_policy_path):
 
 
 def test_the_tool_drives_step_search_by_name():
-    from treetune.rewards.scorers.loading import make_search_scorer
+    from treetune.rewards.scorers import load_scorer
 
-    scorer = make_search_scorer("tool")
+    scorer = load_scorer("tool")
     scores = scorer.score(["Mia has 7 pens. She gets 5 more. She gives away 3."], [["7+5=12", "12-3=8"]])
     assert scores == [[1.0, 0.0]]
+
+
+# -- a data run's steps and the data job ------------------------------------------------------------
+
+def flat_hand_tree() -> ReasoningTree:
+    """`hand_built_tree`'s three paths as a flat sampler stores them: one node per whole solution."""
+    tree = ReasoningTree(problem_id="p", prompt=QUESTION + "\n", prompt_ids=[1], answer="6", problem={"question": QUESTION})
+    for middle, answer, outcome in (("5+1=6", 6, 1.0), ("5+1=7", 7, 0.0), ("5+2=7", 7, 0.0)):
+        tree.add(0, f"2+3=5\n{middle}\nThe answer is \\boxed{{{answer}}}", [1], [-0.1], "eos", outcome=outcome)
+    return tree
+
+
+def test_label_trees_turns_any_sampler_tree_into_backed_up_step_trees(tool):
+    (steps,), simulated = gp.label_trees([flat_hand_tree()], tool, gamma=0.9)
+    assert simulated == 0
+    assert [n.text.strip() for n in steps.nodes[1:]] == [n.text.strip() for n in hand_built_tree().nodes[1:]]
+    a, b, d, c, e, g, h = steps.nodes[1:]
+    # the values test_backup_on_a_hand_built_tree derives by hand
+    assert [n.scores["tool"] for n in (a, b, d, c, e, g, h)] == [1, 1, 1, -1, 1, 1, 1]
+    assert [n.scores["verdict"] for n in (d, e, h)] == [1, -1, -1]
+    assert b.scores["grounded"] == pytest.approx(1.9) and c.scores["grounded"] == pytest.approx(-1.9)
+    assert a.scores["grounded"] == pytest.approx(0.9 * (1.9 - 1.9 - 1.9)) and a.scores["grounded_visits"] == 7
+    with pytest.raises(ValueError, match="simulations need"):
+        gp.label_trees([flat_hand_tree()], tool, simulations=2)
+
+
+def test_kept_paths_records_and_data_metrics_over_several_trees(tool):
+    agreeing = hand_built_tree()
+    extra = agreeing.add(1, "5+1=6 apples\n", [])
+    agreeing.add(extra.id, "The answer is \\boxed{6}", [], finish_reason="eos", outcome=1.0)
+    agreeing.problem_id = "q"
+    trees = [agreeing, hand_built_tree()]  # in the second, A's value is negative although its step is right
+    gp.annotate(trees, tool)
+    kept, finished = gp.agreeing_paths_of(trees)
+    assert finished == 4 + 3 and [p.problem_id for p in kept] == ["q", "q", "q"]
+    records = gp.rationale_records(kept)
+    metrics = gp.data_metrics(trees, kept, finished, records)
+    assert metrics == {"problems": 2, "step_nodes": 9 + 7,
+                       "tool_verdicts": {"correct": 8 + 6, "incorrect": 1 + 1, "unverifiable": 0},
+                       "finished_paths": 7, "kept_paths": 3, "kept_share": 3 / 7, "kept_correct_outcome": 2,
+                       "records": 3 + 3 + 3, "records_positive": 3 + 3 + 1, "records_negative": 2}
+
+
+def test_checker_agreement_counts_labels_up_to_the_checkers_first_error():
+    from treetune.data import load_problems
+
+    problem = load_problems("arith", "test", limit=1)[0]
+    tree = ReasoningTree(problem_id=problem.id, prompt=problem.question + "\n", prompt_ids=[1], answer=problem.answer,
+                         problem={"question": problem.question, "source": "arith", **problem.extra})
+    gold = problem.solution.split("\n")
+    n = len(gold)
+    left, result = gold[1].split("=")
+    wrong = [gold[0], f"{left}={int(result) + 1}", *gold[2:]]  # the checker's first error: step 1
+
+    def path(steps, labels):
+        return gp.GroundedPath(problem.id, problem.question, steps, [1.0] * len(steps), [1] * len(steps),
+                               [{}] * len(steps), labels, all(labels))
+
+    paths = [path(gold, [True] * n),  # all agree
+             path(gold, [True, False] + [True] * (n - 2)),  # one disagrees
+             path(wrong, [True, False, False]),  # two agree; the third is after the first error
+             path(gold[:2], [True, True])]  # stops before its answer: wrong at its last step, so one disagrees
+    result = gp.checker_agreement(paths, {problem.id: tree})
+    agree = n + (n - 1) + 2 + 1
+    assert result == {"labels_compared": agree + 2, "agreement": agree / (agree + 2), "labels_after_first_error": 1}
+    assert gp.checker_agreement([], {}) == {"labels_compared": 0, "agreement": None, "labels_after_first_error": 0}
+
+
+@pytest.mark.slow
+def test_the_data_job_on_the_tiny_policy(tmp_path):
+    from dataclasses import asdict
+
+    from treetune.launch.grounded_prm_data import GroundedDataArgs, run
+
+    args = GroundedDataArgs(output_dir=str(tmp_path / "data"), kv_cache_gb=0.25, limit=3, split="train", trajectories=4,
+                            max_tokens=96, simulations=3, simulation_max_tokens=48, tool_workers=1)
+    metrics = run(args)
+    out = tmp_path / "data"
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(asdict(args)))
+    step_trees = [ReasoningTree.from_json(line) for line in (out / "step_trees.jsonl").open()]
+    assert len(step_trees) == metrics["problems"] == 3
+    assert all("grounded" in n.scores and "tool" in n.scores for t in step_trees for n in t.nodes[1:])
+    kept, finished = gp.agreeing_paths_of(step_trees)  # the filter again, on what the job wrote
+    records = [json.loads(line) for line in (out / "rationale.jsonl").open()]
+    assert (metrics["finished_paths"], metrics["kept_paths"]) == (finished, len(kept))
+    assert len(records) == metrics["records"] == sum(len(p.labels) for p in kept)
+    assert [r["label"] for r in records] == ["+" if label else "-" for p in kept for label in p.labels]
+    assert metrics["checker_agreement"] == gp.checker_agreement(kept, {t.problem_id: t for t in step_trees})
+    assert metrics["simulated_completions"] > 0 and metrics["rollout"]["problems"] == 3
+    with pytest.raises(ValueError, match="field 'scorer'"):
+        run(GroundedDataArgs(output_dir=str(tmp_path / "other"), scorer="arith_checker"))

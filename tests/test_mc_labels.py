@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems, check_solution
 from treetune.rewards.grading import Grader
@@ -45,6 +46,7 @@ def test_labels_and_scan():
         {"prompt": "q\n", "completions": ["s0", "s1"], "labels": [1.0, 1.0]}]
 
 
+@pytest.mark.slow
 def test_topped_up_labels_agree_with_the_checker_often(engine):
     template = PromptTemplate(style="bare")
     trees = [new_tree(p, template, engine.tokenizer) for p in arith_problems("validation", 16)]

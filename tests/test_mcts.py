@@ -11,11 +11,11 @@ from treetune.data import PromptTemplate
 from treetune.data.answers import extract_answer
 from treetune.data.arith import arith_problems
 from treetune.rewards.scorers.arith_checker import ArithCheckerScorer
+from treetune.rewards.scorers.self_eval import SelfEvaluation
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
 from treetune.rollouts.mcts import (
     MCTSSampler,
     MCTSSettings,
-    SelfEvaluation,
     backup,
     best_move,
     puct,
@@ -78,6 +78,7 @@ def test_backup_by_hand():
     assert best_move(tree, 0) == 1
 
 
+@pytest.mark.slow
 def test_mcts_statistics_are_visit_weighted(engine):
     # With one search from the root (no moves), every node's N is its own evaluation plus its
     # children's N, and N * Q is its own value plus the children's N * Q (the root has no value).
@@ -103,6 +104,7 @@ def test_mcts_statistics_are_visit_weighted(engine):
                 assert -1.0 <= c.scores["value"] <= 1.0
 
 
+@pytest.mark.slow
 def test_one_iteration_batches_leaves_of_many_trees(engine):
     recording = Recording(engine)
     problems = arith_problems("validation", 6)
@@ -126,6 +128,7 @@ def test_one_iteration_batches_leaves_of_many_trees(engine):
             assert node.scores["visits"] >= max((n.scores["visits"] for n in tree.siblings(node.id)), default=0)
 
 
+@pytest.mark.slow
 def test_checker_driven_mcts_fixes_greedy_mistakes(engine):
     problems = arith_problems("validation", 60)
     template = PromptTemplate(style="bare")
@@ -144,6 +147,7 @@ def test_checker_driven_mcts_fixes_greedy_mistakes(engine):
     assert all(len(t.children(n.id)) <= s.max_children + s.width - 1 for t in trees for n in t.nodes)
 
 
+@pytest.mark.slow
 def test_verifier_values_and_the_tree_format(engine, grader, tmp_path):
     args = RolloutArgs(sampler="mcts", mcts_iterations=4, search_width=3, max_tokens=128, max_depth=8, seed=6,
                        reuse_subtree=False)
@@ -187,6 +191,7 @@ def close(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_self_evaluation_is_a_batched_path_value(engine):
     recording = Recording(engine)
     judge = SelfEvaluation(recording, engine.tokenizer, samples=4)

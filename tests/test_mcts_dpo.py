@@ -86,7 +86,8 @@ def _sequence_logps(model, prompt_ids, completion_ids) -> torch.Tensor:
 def test_per_pair_smoothing_reaches_the_loss(tiny_policy_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from treetune.data.step_pairs import StepPair
-    from treetune.trainers.mcts_dpo.trainer import MCTSDPOConfig, MCTSDPOTrainer, pair_rows
+    from treetune.trainers.mcts_dpo.config import MCTSDPOConfig
+    from treetune.trainers.mcts_dpo.trainer import MCTSDPOTrainer, pair_rows
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
@@ -150,6 +151,7 @@ def one_round(tmp_path_factory, tiny_policy_path):
     return out, argv, metrics
 
 
+@pytest.mark.slow
 def test_one_round_end_to_end(one_round, tiny_policy_path):
     from safetensors.torch import load_file
     from treetune.data.step_pairs import load_step_pairs
@@ -165,12 +167,13 @@ def test_one_round_end_to_end(one_round, tiny_policy_path):
     assert pairs and metrics["rounds"][0]["pairs"] == len(pairs)
     assert all(0.0 <= p.extra["label_smoothing"] <= 0.5 for p in pairs)
     assert all(p.chosen_value > p.rejected_value for p in pairs)
-    train = json.loads((r0 / "model" / "train_metrics.json").read_text())
+    train = json.loads((r0 / "model" / "metrics.json").read_text())
     assert train["steps"] >= 1 and train["reference"] == tiny_policy_path and train["policy"] == tiny_policy_path
     new, old = load_file(str(r0 / "model" / "model.safetensors")), load_file(f"{tiny_policy_path}/model.safetensors")
     assert any(not torch.equal(new[k].float(), old[k].float()) for k in old if k in new)  # the policy moved
 
 
+@pytest.mark.slow
 def test_resume_after_stop_between_rounds(one_round, tiny_policy_path):
     from treetune.trainers.mcts_dpo.loop import main
 
@@ -179,7 +182,7 @@ def test_resume_after_stop_between_rounds(one_round, tiny_policy_path):
     before = {p: p.stat().st_mtime_ns for p in [*r0.rglob("*.jsonl"), *r0.glob("model/*")]}
     metrics = main(argv + ["--rounds", "2"])  # the run "stopped" after round 0; now it goes on to round 1
     assert {p: p.stat().st_mtime_ns for p in before} == before  # round 0 was not redone
-    train = json.loads((out / "round_1" / "model" / "train_metrics.json").read_text())
+    train = json.loads((out / "round_1" / "model" / "metrics.json").read_text())
     assert train["policy"] == str(r0 / "model")  # round 1 starts from round 0's checkpoint ...
     assert train["reference"] == tiny_policy_path  # ... against the starting policy
     assert [r["stages_done"] for r in metrics["rounds"]] == [["search", "pairs", "train"]] * 2

@@ -12,7 +12,8 @@ from treetune.rewards.evaluation.processbench import (
     processbench_metrics,
 )
 from treetune.rewards.labels.formats import from_math_shepherd, read_stepwise, write_stepwise
-from treetune.rewards.scorers.arith_checker import ArithCheckerScorer, aggregate
+from treetune.rewards.scorers.arith_checker import ArithCheckerScorer
+from treetune.rollouts.scoring import aggregate
 
 
 def test_processbench_metric_by_hand():

@@ -70,16 +70,17 @@ def arith_records(count: int, seed: int) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 def test_short_training_run_loss_falls_and_scores(tmp_path, tiny_policy_path):
     write_stepwise(arith_records(768, 0), tmp_path / "labels.jsonl")
     out = tmp_path / "prm"
-    command = [sys.executable, str(ROOT / "launch" / "train_prm.py"), "--config", str(ROOT / "configs" / "prm" / "arith.yaml"),
+    command = [sys.executable, str(ROOT / "launch" / "train_prm.py"), "--config", str(ROOT / "configs" / "train_prm" / "arith.yaml"),
                "--train_file", str(tmp_path / "labels.jsonl"), "--output_dir", str(out), "--logging_steps", "4",
                "--num_train_epochs", "1", "--learning_rate", "0.001",
                "--disable_tqdm", "true"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    losses = json.loads((out / "train_metrics.json").read_text())["losses"]
+    losses = json.loads((out / "metrics.json").read_text())["loss_history"]
     assert len(losses) >= 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
 
     from treetune.rewards.scorers.discriminative import DiscriminativePRM
@@ -92,7 +93,7 @@ def test_short_training_run_loss_falls_and_scores(tmp_path, tiny_policy_path):
     assert all(0.0 <= x <= 1.0 for s in scores for x in s)
 
     # the recipe fuses the head with the backbone's likelihood, fitted on held-out records
-    metrics = json.loads((out / "train_metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["records"] + metrics["fusion_records"] == 768 and metrics["fusion_records"] == 77
     fusion = json.loads((out / "fusion.json").read_text())
     assert fusion["features"] == ["head_logit", "step_min_logp", "step_mean_logp", "prefix_min_logp"]
@@ -156,6 +157,7 @@ def test_step_log_probs_match_one_row_at_a_time(tokenizer, tiny_policy_path):
     assert [f[2] for f in features] == [-1.0, -3.0, -3.0]
 
 
+@pytest.mark.slow
 def test_fused_prm_under_zero3_with_two_processes(tmp_path, tiny_policy_path):
     """The recipe under DeepSpeed ZeRO-3 (2 processes, gloo): the saved head loads whole and the
     fusion is fitted after the other rank has left."""
@@ -172,7 +174,7 @@ def test_fused_prm_under_zero3_with_two_processes(tmp_path, tiny_policy_path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    metrics = json.loads((out / "train_metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fusion_records"] == 26 and metrics["fusion"]["fit_loss"] < metrics["fusion"]["prior_loss"]
 
     from treetune.rewards.scorers.discriminative import DiscriminativePRM

@@ -150,7 +150,8 @@ def _records(n: int) -> list[dict]:
 def test_pruned_tokens_get_no_gradient(tmp_path, tiny_policy_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from treetune.trainers.qtuning.trainer import QTuningConfig, QTuningTrainer
+    from treetune.trainers.qtuning.config import QTuningConfig
+    from treetune.trainers.qtuning.trainer import QTuningTrainer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_path)
@@ -205,8 +206,8 @@ def test_pruned_tokens_get_no_gradient(tmp_path, tiny_policy_path):
 
 
 def _launch(out: Path, *flags: str) -> dict:
-    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "arith" / "qtuning_sft/smollm2-1.7b.yaml"),
-               "--num_train_examples", "48", "--max_steps", "3", "--gradient_accumulation_steps", "2",
+    command = [sys.executable, str(ROOT / "launch" / "qtuning_sft.py"), "--config", str(ROOT / "configs" / "qtuning_sft" / "arith.yaml"),
+               "--limit", "48", "--max_steps", "3", "--gradient_accumulation_steps", "2",
                "--logging_steps", "1", "--disable_tqdm", "true", "--output_dir", str(out), *flags]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -221,6 +222,7 @@ def _changed(out: Path, policy: str) -> bool:
     return any((a - b).abs().max() > 0 for a, b in zip(after.parameters(), before.parameters()))
 
 
+@pytest.mark.slow
 def test_qtuning_sft_end_to_end_on_the_tiny_policy(tmp_path, tiny_policy_path):
     metrics = _launch(tmp_path / "qt", "--sample_ratio", "0.125", "--token_ratio", "0.5")
     assert metrics["steps"] == 3
@@ -238,6 +240,7 @@ def test_qtuning_sft_end_to_end_on_the_tiny_policy(tmp_path, tiny_policy_path):
     assert _changed(tmp_path / "qt", tiny_policy_path)
 
 
+@pytest.mark.slow
 def test_lora_qtuning_saves_a_merged_model(tmp_path, tiny_policy_path):
     metrics = _launch(tmp_path / "lora", "--use_peft", "true", "--lora_r", "4", "--learning_rate", "0.01")
     assert metrics["totals"]["kept_samples"] == 3 * 2 * 2  # 25% of 8, per micro-batch
@@ -245,6 +248,7 @@ def test_lora_qtuning_saves_a_merged_model(tmp_path, tiny_policy_path):
     assert _changed(tmp_path / "lora", tiny_policy_path)
 
 
+@pytest.mark.slow
 def test_full_budget_is_plain_sft_without_scoring(tmp_path):
     metrics = _launch(tmp_path / "full", "--sample_ratio", "1", "--token_ratio", "1", "--max_steps", "1")
     totals = metrics["totals"]
@@ -271,6 +275,7 @@ def test_random_baseline_prunes_to_the_same_budgets():
     assert len(seen) == 7  # every row with an answer gets its turn
 
 
+@pytest.mark.slow
 def test_resume_continues_the_totals_and_the_random_draws(tmp_path):
     """A run stopped at a checkpoint and resumed ends with the same totals as one that ran through
     (the random baseline's draws depend only on its generator and the data order)."""
@@ -284,6 +289,7 @@ def test_resume_continues_the_totals_and_the_random_draws(tmp_path):
     assert 0 < whole["totals"]["loss_tokens"] < whole["totals"]["answer_tokens"]
 
 
+@pytest.mark.slow
 def test_qtuning_under_deepspeed_zero3_with_two_processes(tmp_path, tiny_policy_path):
     """The real DeepSpeed engine (CPU accelerator, gloo): each rank prunes its own micro-batches, the
     logged totals are summed over ranks, every rank checkpoints its Q-Tuning state, and the saved
@@ -295,7 +301,7 @@ def test_qtuning_under_deepspeed_zero3_with_two_processes(tmp_path, tiny_policy_
     out = tmp_path / "zero3"
     command = launch_command(ROOT / "configs" / "accelerate" / "zero3.yaml", [str(ROOT / "launch" / "qtuning_sft.py")],
                              num_processes=2)
-    command += ["--config", str(ROOT / "configs" / "arith" / "qtuning_sft/smollm2-1.7b.yaml"), "--num_train_examples", "64",
+    command += ["--config", str(ROOT / "configs" / "qtuning_sft" / "arith.yaml"), "--limit", "64",
                 "--max_steps", "2", "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true",
                 "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out)]
     env = dict(os.environ, TREETUNE_LOG="WARNING", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

@@ -19,6 +19,8 @@ from treetune.rollouts.engines.server_pool import (
     wait_until_healthy,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
     with socket.socket() as s:

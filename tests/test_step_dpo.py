@@ -151,6 +151,7 @@ def arith_step_pairs(count: int) -> list[StepPair]:
     return pairs
 
 
+@pytest.mark.slow
 def test_training_loss_falls_and_a_run_resumes_from_its_checkpoint(tmp_path, tiny_policy_path):
     from treetune.trainers.step_dpo.trainer import main
 

@@ -10,15 +10,8 @@ from treetune.data.arith import arith_problems
 from treetune.rewards.scorers.arith_checker import ArithCheckerScorer
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
 from treetune.rollouts.run import RolloutArgs, make_sampler, new_tree
-from treetune.rollouts.step_search import (
-    BeamSearchSampler,
-    BeamSettings,
-    DVTSSampler,
-    DVTSSettings,
-    ScorerValue,
-    evaluate_paths,
-    path_steps,
-)
+from treetune.rollouts.scoring import ScorerValue
+from treetune.rollouts.step_search import BeamSearchSampler, BeamSettings, DVTSSampler, DVTSSettings, evaluate_paths, path_steps
 from treetune.rollouts.tree import ReasoningTree
 
 
@@ -77,6 +70,7 @@ def test_settings_and_registration():
     assert isinstance(make_sampler(RolloutArgs(sampler="dvts"), ArithCheckerScorer()), DVTSSampler)
 
 
+@pytest.mark.slow
 def test_beam_search_keeps_the_best_and_refills(engine):
     recording = Recording(engine)
     s = BeamSettings(n=8, width=3, max_response_tokens=128, seed=1)
@@ -104,6 +98,7 @@ def test_beam_search_keeps_the_best_and_refills(engine):
     assert {r.group for r in recording.batches[0]} == {t.problem_id for t in trees}
 
 
+@pytest.mark.slow
 def test_dvts_follows_the_best_of_m_in_each_subtree(engine):
     s = DVTSSettings(n=8, width=4, max_response_tokens=128, seed=2)
     trees = list(DVTSSampler(s, ArithCheckerScorer()).grow(engine, trees_for(engine, arith_problems("validation", 5))))
@@ -123,6 +118,7 @@ def test_dvts_follows_the_best_of_m_in_each_subtree(engine):
         assert len(ends) == s.n // s.width and all(tree.nodes[e].finished for e in ends)
 
 
+@pytest.mark.slow
 def test_search_with_the_checker_fixes_greedy_mistakes(engine, greedy_failures):
     # Greedy decoding gets all eight wrong; steered by the exact checker, the searches recover most
     # (5 to 7 of 8 across seeds when written; some problems' right first step is nearly never sampled).
@@ -134,6 +130,7 @@ def test_search_with_the_checker_fixes_greedy_mistakes(engine, greedy_failures):
     assert right_picks(dvts, greedy_failures) >= 3
 
 
+@pytest.mark.slow
 def test_best_of_n_generation_mode(engine, tmp_path):
     from treetune.launch.best_of_n import BestOfNArgs, evaluate_trees, sample
     from treetune.rewards.grading import Grader

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems, check_solution
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
@@ -34,6 +36,7 @@ def test_tokenizer_splits_digits(tiny_policy_path):
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
 
+@pytest.mark.slow
 def test_vllm_generates_solutions(engine):
     problems = arith_problems("validation", 40)
     template = PromptTemplate(style="bare")
@@ -51,6 +54,7 @@ def test_vllm_generates_solutions(engine):
     assert all("=" in r.completions[0].text for r in results)
 
 
+@pytest.mark.slow
 def test_sampling_honours_seeds(engine):
     problem = arith_problems("validation", 1)[0]
     prompt = PromptTemplate(style="bare").render_ids(problem.question, engine.tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from recording import Recording
 from treetune.data import PromptTemplate
 from treetune.data.arith import arith_problems
@@ -37,6 +38,7 @@ def test_repetition_and_finish_rules():
     assert finish_reason_for("1+2", "x", "length", 10, 2, **common) is None
 
 
+@pytest.mark.slow
 def test_treepo_invariants(engine):
     recording = Recording(engine)
     settings = TreePOSettings(trajectories=8, segment_tokens=6, max_depth=12, max_response_tokens=96, seed=3)
@@ -70,6 +72,7 @@ def test_treepo_invariants(engine):
     assert any(l.finish_reason == "boxed" for t in trees for l in t.leaves())  # early stop on the answer
 
 
+@pytest.mark.slow
 def test_fallback_fires_when_paths_run_out(engine):
     # Two segments of three tokens cannot finish a solution: every path stops at the depth limit
     # after four leaves, so the remaining budget must come from re-forking finished paths.
@@ -84,6 +87,7 @@ def test_fallback_fires_when_paths_run_out(engine):
         assert len(tree.leaves()) == 4 and tree.sampler["stats"]["fallbacks"] == 0
 
 
+@pytest.mark.slow
 def test_logprob_budget_runs(engine):
     settings = TreePOSettings(trajectories=8, segment_tokens=6, budget="logprob", favour="high", seed=2,
                               init_divergence=2, init_divergence_max=4, max_response_tokens=96)
@@ -92,6 +96,7 @@ def test_logprob_budget_runs(engine):
     assert {len(t.children(0)) for t in trees} <= {2, 3, 4}
 
 
+@pytest.mark.slow
 def test_flat_sampling_is_a_depth_one_tree(engine):
     trees = list(FlatSampler(FlatSettings(n=5, max_tokens=96, seed=0)).grow(engine, fresh_trees(engine, 3)))
     for tree in trees:
@@ -135,6 +140,7 @@ def test_coupled_fork_draws_like_independent_samples(tiny_policy_path):
     assert all(len(tree.path_token_ids(n)) <= 2 for n, _ in state.groups)
 
 
+@pytest.mark.slow
 def test_coupled_treepo_invariants(engine):
     recording = Recording(engine)
     recording.tokenizer = engine.tokenizer

@@ -26,9 +26,10 @@ the ranks, and switches to `DistributedType.DEEPSPEED`, so the real DeepSpeed en
 offload, its checkpoint format) runs; without DeepSpeed, torch DDP runs over gloo. It is a no-op
 when CUDA or any other accelerator is present. `parse_recipe` calls it, so every trainer gets it.
 
-`save_final_model` writes what vLLM and `from_pretrained` load directly: the full weights, gathered
-from all ranks under ZeRO-3 (DeepSpeed's "16-bit" consolidation keeps the training dtype: bf16 with
-the GPU configs, fp32 in the CPU runs), plus the tokenizer.
+The final save (`treetune.trainers.common.save_final_model`) writes what vLLM and `from_pretrained`
+load directly: the full weights, gathered from all ranks under ZeRO-3 (DeepSpeed's "16-bit"
+consolidation keeps the training dtype: bf16 with the GPU configs, fp32 in the CPU runs), plus the
+tokenizer.
 """
 
 from __future__ import annotations
@@ -136,60 +137,6 @@ def local_parameter_share(module) -> float:
             held += p.numel()
             total += p.numel()
     return held / total if total else 0.0
-
-
-def save_final_model(trainer, output_dir: str | Path, tokenizer=None) -> Path:
-    """Save full weights (+ tokenizer) that vLLM and `from_pretrained` load directly; call on every rank.
-
-    Under ZeRO-3 the shards are gathered into one state dict (`stage3_gather_16bit_weights_on_model_save`);
-    if a config left that off, the flag is switched on for this save, since otherwise transformers
-    writes only a DeepSpeed checkpoint that needs `zero_to_fp32.py` before anything can load it.
-    A LoRA policy is saved as its adapter (in `adapter/`) and as the base with the adapter merged in.
-    """
-    from peft import PeftModel
-
-    output_dir = Path(output_dir)
-    lora = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
-    engine = getattr(trainer, "deepspeed", None)
-    forced = False
-    if (engine is not None and engine.zero_optimization_stage() == 3
-            and not engine.zero_gather_16bit_weights_on_model_save()):
-        engine._config.zero_config.gather_16bit_weights_on_model_save = True
-        forced = True
-    try:
-        # Collective under ZeRO-3 (every rank gathers); only the main process writes.
-        trainer.save_model(str(output_dir / "adapter" if lora else output_dir))
-    finally:
-        if forced:
-            engine._config.zero_config.gather_16bit_weights_on_model_save = False
-    if trainer.accelerator.is_main_process:
-        if lora:
-            _merge_adapter(output_dir / "adapter", output_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(output_dir))
-        weights = list(output_dir.glob("*.safetensors")) + list(output_dir.glob("pytorch_model*.bin"))
-        if not weights:
-            raise RuntimeError(f"{output_dir}: no model weights were written")
-    trainer.accelerator.wait_for_everyone()
-    return output_dir
-
-
-def _merge_adapter(adapter_dir: Path, output_dir: Path) -> None:
-    """Base weights + saved adapter, merged on the CPU of the main process (no sharded state involved).
-
-    Only the main process runs this, so transformers must not build the base under `zero.Init`
-    (a collective that would wait forever for the other ranks); ZeRO-3's hook is lifted meanwhile.
-    """
-    from peft import AutoPeftModelForCausalLM
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    hook = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype="auto").merge_and_unload()
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = hook
-    merged.save_pretrained(str(output_dir))
 
 
 def launch_command(config_file: str | Path, script: list[str], num_processes: int | None = None,

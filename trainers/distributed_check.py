@@ -9,24 +9,33 @@ with a full reference model built from the policy path, so DeepSpeed wraps the p
 prepares the reference model. Each rank writes `distributed/rank<i>.json` in output_dir: world size, backend,
 the engine and ZeRO stage, the share of parameters it holds locally, the losses, and a checksum of
 the full final weights (equal on every rank when gradients were really reduced). The final model
-is saved with `save_final_model`, loadable by vLLM. Every `StepDPOConfig` field can be overridden;
-`--use_lora true` trains an adapter instead (saved as `adapter/` plus the merged model).
+is saved with `save_final_model`, loadable by vLLM. Every `StepDPOConfig` and TRL `ModelConfig` field
+can be overridden; `--use_peft true` trains a LoRA adapter instead (rank 8 on all linear layers
+unless `--lora_r` / `--lora_target_modules` say otherwise; saved as `adapter/` plus the merged model).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treetune.data.arith import arith_problems, check_solution, tiny_policy
+from treetune.data.arith import arith_problems, check_solution
 from treetune.data.step_pairs import StepPair
-from treetune.trainers.common import parse_recipe
-from treetune.trainers.distributed import distributed_summary, local_parameter_share, save_final_model
-from treetune.trainers.step_dpo.trainer import StepDPOConfig, StepDPOTrainer, build_step_dataset
+from treetune.trainers.common import (
+    LORA_RENAMED,
+    load_policy,
+    parse_recipe,
+    peft_config,
+    resume_point,
+    save_final_model,
+    setup_logging,
+)
+from treetune.trainers.distributed import distributed_summary, local_parameter_share
+from treetune.trainers.step_dpo.config import StepDPOConfig
+from treetune.trainers.step_dpo.trainer import StepDPOTrainer, build_step_dataset
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +44,15 @@ log = logging.getLogger(__name__)
 DEFAULTS = ["--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "1e-4",
             "--lr_scheduler_type", "constant", "--beta", "0.5", "--max_length", "96", "--logging_steps", "1",
             "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
-            "--dataloader_num_workers", "0"]
+            "--dataloader_num_workers", "0", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "all-linear"]
 
 
 @dataclass
 class CheckArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Policy; empty: the arith tiny policy."})
+    """The check's data; the policy (`model_name_or_path`, empty: the arith tiny policy) and LoRA come
+    from TRL's ModelConfig."""
+
     num_pairs: int = field(default=8, metadata={"help": "Preference pairs built from arith training problems."})
-    use_lora: bool = field(default=False, metadata={
-        "help": "Train a LoRA adapter (the reference is then the adapter-free policy)."})
 
 
 def corrupt_one_step(solution: str, rng: random.Random) -> str:
@@ -109,37 +118,26 @@ def _step_counter():
     return StepCounter()
 
 
-def run_check(args: CheckArguments, config) -> dict:
+def run_check(args: CheckArguments, config, model_args) -> dict:
     """Train, save the final model, and write this rank's record; returns it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-
-
-
+    from transformers import set_seed
 
     set_seed(config.seed)
-    path = args.model_name_or_path or tiny_policy()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     # Built after the config, so under ZeRO-3 with zero3_init_flag the weights load already partitioned.
-    model = AutoModelForCausalLM.from_pretrained(path)
+    path, tokenizer, model = load_policy(model_args)
     counter = _step_counter()
-    peft_config = None
-    if args.use_lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     dataset, _ = build_step_dataset(preference_pairs(args.num_pairs, config.seed), tokenizer, "bare",
                                     config.max_length, config.max_prompt_length)
     trainer = StepDPOTrainer(model=model, args=config, processing_class=tokenizer, callbacks=[counter],
-                             peft_config=peft_config, train_dataset=dataset)
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+                             peft_config=peft_config(model_args), train_dataset=dataset)
+    checkpoint = resume_point(config.output_dir, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     record = distributed_summary(trainer)
     record.update(
         policy=path,
         global_step=trainer.state.global_step,
         steps_this_run=counter.steps,
-        resumed_from=config.resume_from_checkpoint,
+        resumed_from=checkpoint,
         train_loss=result.metrics.get("train_loss"),
         losses={h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
         reward_margins={h["step"]: h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h},
@@ -158,11 +156,12 @@ def run_check(args: CheckArguments, config) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import sys
 
+    from trl import ModelConfig
 
-    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     argv = DEFAULTS + list(sys.argv[1:] if argv is None else argv)  # later flags win
-    args, config = parse_recipe((CheckArguments, StepDPOConfig), argv)
-    return run_check(args, config)
+    args, config, model_args = parse_recipe((CheckArguments, StepDPOConfig, ModelConfig), argv, LORA_RENAMED)
+    return run_check(args, config, model_args)
 
 
 if __name__ == "__main__":

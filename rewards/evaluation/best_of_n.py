@@ -6,19 +6,29 @@ candidate in each subset. Reported per selector and N: the mean accuracy over dr
 (standard deviation of the per-draw accuracy across problems), and the false-positive rate of the
 verifier literature: how often the chosen answer is wrong although a correct one was among the N.
 pass@k uses the unbiased estimator over all samples of a problem.
+
+A run in pieces: `sample_graded` grows and grades the samples (resumable), `problem_trees` reads
+them back, `evaluate_leaves` scores and sweeps them, `write_report` leaves the files a person reads.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from treetune.data import Problem, PromptTemplate
 from treetune.rewards.grading import Grader
-from treetune.rewards.selection.selectors import Candidate, get_selector, pass_at_k
+from treetune.rewards.outcome import score_outcomes
+from treetune.rewards.scorers.arith_checker import score_tree_leaves
+from treetune.rewards.selection.selectors import Candidate, get_selector, pass_at_k, selection_credit
+from treetune.rollouts.run import RolloutArgs, run_rollout
 from treetune.rollouts.tree import ReasoningTree
+from treetune.rollouts.tree_io import read_trees
 
 
 def sweep(n_max: int) -> list[int]:
@@ -109,12 +119,11 @@ def evaluate(per_problem: dict[str, list[Candidate]], selectors: Sequence[str], 
                     draws = draws * subsamples
                 for d, subset in enumerate(draws):
                     chosen = [cands[i] for i in subset]
-                    pick = select(chosen)
-                    right = pick is not None and chosen[pick].correct
-                    per_draw[d].append(1.0 if right else 0.0)
+                    right = selection_credit(select, chosen)  # 1 or 0, or a share among tied answers
+                    per_draw[d].append(right)
                     if any(c.correct for c in chosen):
                         misses_with_a_right_one += 1
-                        false_positive += not right
+                        false_positive += 1.0 - right
             draws = [sum(d) / len(d) for d in per_draw if d]
             metrics["selectors"][name][str(n)] = {
                 "accuracy": statistics.fmean(draws) if draws else math.nan,
@@ -172,3 +181,88 @@ def plot_accuracy(metrics: dict[str, Any], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- a run in pieces ---------------------------------------------------------------------------------
+
+def sample_graded(rollout: RolloutArgs, engine, problems: Sequence[Problem], template: PromptTemplate, grader: Grader,
+                  step_scorer=None) -> dict:
+    """Samples (flat, or a step search's trees when `step_scorer` drives one) for every problem into
+    `rollout.output_dir/trees`, resumable, each tree graded as it finishes; returns the rollout summary."""
+    return run_rollout(rollout, engine, engine.tokenizer, problems, template, lambda trees: score_outcomes(trees, grader),
+                       step_scorer=step_scorer)
+
+
+def problem_trees(source: str | Path, problems: Sequence[Problem]) -> list[ReasoningTree]:
+    """The trees of `problems` in `source` (a folder of shards or one file); an error names the missing ones."""
+    wanted = {p.id for p in problems}
+    trees = [t for t in read_trees(source) if t.problem_id in wanted]
+    missing = sorted(wanted - {t.problem_id for t in trees})
+    if missing:
+        raise ValueError(f"{source}: no trees for {len(missing)} problem(s), e.g. {missing[:3]}")
+    return trees
+
+
+def evaluate_leaves(trees: Sequence[ReasoningTree], problems: Sequence[Problem], selectors: Sequence[str], grader: Grader,
+                    scorer=None, step_mode: str = "line", subsamples: int = 8, seed: int = 0,
+                    group_by: Sequence[str] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Everything after sampling: grade leaves not yet graded, answer classes, the step scores of
+    `scorer` (when given) as `scores["prm"]`, the selector sweep and per-group tables. Returns the
+    metrics and one row per problem (samples, answers, grades, each selector's pick)."""
+    by_id = {p.id: p for p in problems}
+    unscored = [t for t in trees if any("outcome" not in l.scores for l in t.leaves())]
+    if unscored:
+        score_outcomes(unscored, grader)
+    assign_answer_classes(trees, grader)
+    if scorer is not None:
+        score_tree_leaves(trees, scorer, key="prm", step_mode=step_mode)
+    per_problem = {t.problem_id: candidates(t) for t in trees}
+    n_max = max(len(c) for c in per_problem.values())
+    metrics = evaluate(per_problem, selectors, sweep(n_max), subsamples, seed)
+    metrics["samples_per_problem"] = n_max
+    rows = []
+    for tree in trees:
+        cands = per_problem[tree.problem_id]
+        rows.append({
+            "id": tree.problem_id, "gold": tree.answer, "extra": by_id[tree.problem_id].extra,
+            "samples": [{"answer": c.answer, "correct": c.correct, "answer_class": c.answer_class, "tokens": c.tokens,
+                         "logprob_mean": c.logprob_mean, "text": c.text} for c in cands],
+            "selected": selections(cands, selectors),
+        })
+    metrics["groups"] = {g: group_table(rows, g, selectors) for g in group_by}
+    return metrics, rows
+
+
+def summary_markdown(metrics: dict[str, Any], names: Sequence[str]) -> str:
+    """The accuracy and false-positive tables (and the per-group tables) as Markdown."""
+    n_values = metrics["n_values"]
+    lines = ["| selector | " + " | ".join(f"N={n}" for n in n_values) + " |", "|---" * (len(n_values) + 1) + "|"]
+    lines.append("| pass@k | " + " | ".join(f"{metrics['pass_at_k'][str(n)]:.3f}" for n in n_values) + " |")
+    for name in names:
+        cells = metrics["selectors"][name]
+        lines.append(f"| {name} | " + " | ".join(f"{cells[str(n)]['accuracy']:.3f} ± {cells[str(n)]['std']:.3f}" for n in n_values) + " |")
+    lines += ["", "False-positive rate (chosen answer wrong though a right one was among the N):", "",
+              "| selector | " + " | ".join(f"N={n}" for n in n_values) + " |", "|---" * (len(n_values) + 1) + "|"]
+    for name in names:
+        cells = metrics["selectors"][name]
+        lines.append(f"| {name} | " + " | ".join(f"{cells[str(n)]['false_positive_rate']:.3f}" for n in n_values) + " |")
+    for group, table in metrics.get("groups", {}).items():
+        lines += ["", f"By {group} (N = {n_values[-1]}):", "", "| " + group + " | problems | pass@N | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 3) + "|"]
+        for value, entry in table.items():
+            lines.append(f"| {value} | {entry['problems']} | {entry['pass_at_n']:.3f} | " + " | ".join(f"{entry[n]:.3f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, metrics: dict[str, Any], rows: Sequence[dict[str, Any]], names: Sequence[str],
+                 title: str) -> Path:
+    """`problems.jsonl`, `metrics.json`, `accuracy_vs_n.png` and `summary.md` in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "problems.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_accuracy(metrics, str(out / "accuracy_vs_n.png"), title)
+    (out / "summary.md").write_text(summary_markdown(metrics, names))
+    return out

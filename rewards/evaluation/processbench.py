@@ -4,6 +4,9 @@ A solution's predicted first wrong step is the first step whose score falls belo
 (-1 when none does). Per split: accuracy on erroneous solutions (exact index match), accuracy on
 correct ones (predicting -1), and F1 = their harmonic mean; papers report the unweighted mean of
 the splits' F1. A threshold sweep shows how the choice moves it.
+
+Cases come from ProcessBench files (`load_processbench`) or, on the proving ground, from sampled
+arith solutions labelled by the exact checker (`arith_cases`, `sample_arith_trees`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from treetune.data import Problem, PromptTemplate, load_problems
+from treetune.data.arith import check_solution, tiny_policy
 from treetune.data.records import DataError, read_records, require
+from treetune.data.steps import split_steps
+from treetune.rollouts.engines import VLLMEngine
+from treetune.rollouts.flat import FlatSampler, FlatSettings
+from treetune.rollouts.run import new_tree
+from treetune.rollouts.tree import ReasoningTree
+
+ARITH_FIELDS = ("start", "ops", "num_steps")
 
 
 def load_processbench(path: str | Path) -> list[dict]:
@@ -57,3 +69,43 @@ def evaluate_splits(scores_by_split: dict[str, list[list[float]]], labels_by_spl
         out[f"{threshold:g}"] = {"splits": per_split,
                                  "average_f1": sum(m["f1"] for m in per_split.values()) / max(1, len(per_split))}
     return out
+
+
+# -- arith cases: truth from the exact checker ------------------------------------------------------
+
+def tree_problem(tree: ReasoningTree) -> Problem:
+    """The arith problem a tree was sampled for, rebuilt from what the tree stores of it."""
+    return Problem(id=tree.problem_id, question=tree.problem.get("question", tree.prompt), answer=tree.answer,
+                   source="arith", extra={k: v for k, v in tree.problem.items() if k in ARITH_FIELDS})
+
+
+def checker_label(problem: Problem, steps: Sequence[str]) -> int:
+    """The ProcessBench label the exact checker gives an arith solution: its first wrong step, -1
+    when every step is right; a solution that stops before its answer is wrong at its last step."""
+    first = check_solution(problem, "\n".join(steps))
+    return min(first, len(steps) - 1) if first != -1 else -1
+
+
+def arith_cases(trees: Sequence[ReasoningTree], step_mode: str = "line") -> tuple[list[str], list[list[str]], list[int]]:
+    """(questions, steps, checker label) for every finished leaf of arith trees with at least one step."""
+    questions, solutions, labels = [], [], []
+    for tree in trees:
+        problem = tree_problem(tree)
+        for _, text in tree.iter_trajectories():
+            steps = split_steps(text, step_mode)
+            if not steps:
+                continue
+            questions.append(problem.question)
+            solutions.append(steps)
+            labels.append(checker_label(problem, steps))
+    return questions, solutions, labels
+
+
+def sample_arith_trees(count: int, seed: int = 1, model: str | None = None, samples: int = 4,
+                       max_tokens: int = 128) -> list[ReasoningTree]:
+    """`samples` solutions to each of the first `count` arith test problems from a policy in vLLM
+    (default: the tiny policy), the held-out cases a PRM is scored on against the checker."""
+    problems = load_problems("arith", "test", limit=count)
+    with VLLMEngine(model or tiny_policy()) as engine:
+        trees = [new_tree(p, PromptTemplate(style="bare"), engine.tokenizer) for p in problems]
+        return list(FlatSampler(FlatSettings(n=samples, max_tokens=max_tokens, seed=seed)).grow(engine, trees))

@@ -29,30 +29,30 @@ finished paths takes the mean of their rewards as its own R (the code's MCTS run
 per expansion); unverifiable steps are left out of V; a node with too few finished paths below it
 can be topped up with fresh simulations from the policy (`simulate`), which are tool-checked and
 graded the same way but, as in MCTS, not added to the tree.
+
+A data run chains them: `label_trees` (steps 1-3 over a sampler's trees), `agreeing_paths_of`
+(step 4 over all trees), `rationale_records` (step 5), `data_metrics`, and on arith
+`checker_agreement` (the kept labels against the exact checker's).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from treetune.data.steps import split_steps
+from treetune.rewards.evaluation.processbench import checker_label, tree_problem
+from treetune.rewards.scorers.grounded_gen import SYSTEM_PROMPT, render_plain  # the PRM's input format
 from treetune.rewards.scorers.tool import StepTool
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
 from treetune.rollouts.stopping import request_seed
 from treetune.rollouts.tree import ReasoningTree
 
 GAMMA = 0.9
-SYSTEM_PROMPT = (
-    "You check a solution to a math problem one step at a time. For each step, first write inside "
-    "<verify> </verify> the calculation the step makes and what it really evaluates to, then inside "
-    "<judge> </judge> reason about whether the step is right and end with [Right] or [Wrong], then "
-    "give the verdict as <output>\\boxed{+}</output> for a right step or <output>\\boxed{-}</output> "
-    "for a wrong one."
-)
 
 
 def separator(step_mode: str) -> str:
@@ -335,13 +335,6 @@ def conversation(path: GroundedPath) -> list[dict[str, str]]:
     return messages
 
 
-def render_plain(messages: Sequence[dict[str, str]]) -> str:
-    """A chat as plain text for models without a chat template; ends ready for the next assistant turn."""
-    head = [m["content"] for m in messages if m["role"] == "system"]
-    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages if m["role"] != "system"]
-    return "\n\n".join(head + turns) + "\n\nAssistant: "
-
-
 def rationale_records(paths: Sequence[GroundedPath], tokenizer=None) -> list[dict[str, Any]]:
     """One SFT record per labelled step: `prompt` (the chat so far, through the tokenizer's chat
     template when one is given, else `render_plain`), `completion` (the step's rationale),
@@ -381,6 +374,84 @@ def parse_verdict(text: str) -> bool | None:
     return None
 
 
-__all__ = ["GAMMA", "GroundedPath", "agreeing_paths", "annotate", "annotate_tool", "backup", "conversation",
-           "hybrid_reward", "parse_verdict", "rationale", "rationale_records", "render_plain", "simulate",
-           "to_step_tree", "truncate_labels", "write_records"]
+# -- a data run ---------------------------------------------------------------------------------------
+
+def label_trees(trees: Sequence[ReasoningTree], tool: StepTool, step_mode: str = "line", gamma: float = GAMMA,
+                engine=None, grader=None, simulations: int = 0, simulation_max_tokens: int = 128,
+                temperature: float = 1.0, seed: int = 0, progress: bool = False) -> tuple[list[ReasoningTree], int]:
+    """Graded trees of any sampler -> step trees with tool verdicts and backed-up grounded values;
+    with `simulations` > 0 each unfinished step node is first topped up with that many fresh
+    completions from the policy in `engine`, graded by `grader`. Returns the step trees and the
+    number of fresh completions."""
+    step_trees = [to_step_tree(t, step_mode) for t in trees]
+    annotate_tool(step_trees, tool, progress=progress)
+    simulated = 0
+    if simulations > 0:
+        if engine is None or grader is None:
+            raise ValueError("simulations need the policy's engine and a grader")
+        simulated = simulate(step_trees, engine, tool, grader, k=simulations, step_mode=step_mode,
+                             temperature=temperature, max_tokens=simulation_max_tokens, seed=seed)
+    for tree in step_trees:
+        backup(tree, gamma)
+    return step_trees, simulated
+
+
+def agreeing_paths_of(trees: Sequence[ReasoningTree]) -> tuple[list[GroundedPath], int]:
+    """`agreeing_paths` over many trees: the kept paths of all, and how many finished paths there were."""
+    kept, finished = [], 0
+    for tree in trees:
+        paths, total = agreeing_paths(tree)
+        kept += paths
+        finished += total
+    return kept, finished
+
+
+def write_step_trees(trees: Sequence[ReasoningTree], path: str | Path) -> Path:
+    """Step trees as JSON lines, one tree a line (`ReasoningTree.from_json` reads them back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for tree in trees:
+            f.write(tree.to_json() + "\n")
+    return path
+
+
+def data_metrics(trees: Sequence[ReasoningTree], kept: Sequence[GroundedPath], finished: int,
+                 records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What a data run made: step nodes and the tool's verdicts on them, the share of finished
+    paths the agreement filter kept, and the records by label."""
+    verdicts = Counter(n.scores["tool"] for t in trees for n in t.nodes[1:])
+    return {
+        "problems": len(trees),
+        "step_nodes": sum(len(t.nodes) - 1 for t in trees),
+        "tool_verdicts": {"correct": verdicts[1], "incorrect": verdicts[-1], "unverifiable": verdicts[0]},
+        "finished_paths": finished,
+        "kept_paths": len(kept),
+        "kept_share": len(kept) / finished if finished else 0.0,
+        "kept_correct_outcome": sum(p.outcome for p in kept),
+        "records": len(records),
+        "records_positive": sum(r["label"] == "+" for r in records),
+        "records_negative": sum(r["label"] == "-" for r in records),
+    }
+
+
+def checker_agreement(paths: Sequence[GroundedPath], trees_by_id: dict[str, ReasoningTree]) -> dict[str, Any]:
+    """On arith: how often the kept labels equal the exact checker's, over the steps up to and
+    including its first error (the checker judges nothing after it; those labels are counted apart)."""
+    counts: Counter = Counter()
+    for path in paths:
+        first = checker_label(tree_problem(trees_by_id[path.problem_id]), path.steps)
+        for i, label in enumerate(path.labels):
+            if first == -1 or i <= first:
+                counts["agree" if label == (first == -1 or i < first) else "disagree"] += 1
+            else:
+                counts["after_first_error"] += 1
+    labelled = counts["agree"] + counts["disagree"]
+    return {"labels_compared": labelled, "agreement": counts["agree"] / labelled if labelled else None,
+            "labels_after_first_error": counts["after_first_error"]}
+
+
+__all__ = ["GAMMA", "GroundedPath", "agreeing_paths", "agreeing_paths_of", "annotate", "annotate_tool", "backup",
+           "checker_agreement", "conversation", "data_metrics", "hybrid_reward", "label_trees", "parse_verdict",
+           "rationale", "rationale_records", "render_plain", "simulate", "to_step_tree", "truncate_labels",
+           "write_records", "write_step_trees"]

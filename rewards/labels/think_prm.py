@@ -1,11 +1,16 @@
 """ThinkPRM training data as the paper builds it (section 4.2): verification chains for
 (problem, solution) pairs with gold process labels, kept only when every step verdict matches the
 gold labels, the chain is complete and not too long, then balanced on final correctness, and
-written as prompt/completion records that `launch/sft.py --dataset_source records` trains on.
+written as prompt/completion records that `launch/sft.py --source records` trains on.
 
 Where the chains come from is pluggable: sampled from a verifier (`ThinkPRM.verify`, the paper's
-teacher role, and later rounds of self-training), or, on arith, written from a template that the
-exact checker fills (`arith_template_chain`), which gives the first verifier its format.
+teacher role, and later rounds of self-training: `verifier_chains`), or, on arith, written from a
+template that the exact checker fills (`arith_template_chain`, `template_chains`), which gives the
+first verifier its format.
+
+The steps of a data run: `sample_examples` (a policy's distinct solutions with the checker's gold
+labels), a chain source, `build_records` (filter, balance, cap, render), `data_metrics`, and
+`verifier_init` (the policy copy the verifier is fine-tuned from).
 """
 
 from __future__ import annotations
@@ -13,19 +18,26 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from treetune.data import Problem
+from treetune.data import Problem, PromptTemplate
 from treetune.data.answers import extract_answer
 from treetune.data.arith import EQUATION, apply_op, check_solution, problem_ops
+from treetune.data.steps import split_steps
 from treetune.rewards.scorers.think_prm import (
+    SETTINGS_FILE,
     chain_complete,
     chain_step,
     parse_step_labels,
     render_prompt,
     training_completion,
 )
+from treetune.rollouts.flat import FlatSampler, FlatSettings
+from treetune.rollouts.run import new_tree
+from treetune.rollouts.tree import ReasoningTree
+
+CHAIN_SOURCES = ("template", "verifier")
 
 
 @dataclass
@@ -187,3 +199,82 @@ def widen_context(model_path: str, out_dir: str | Path, positions: int) -> Path:
     config["max_position_embeddings"] = max(positions, int(config["max_position_embeddings"]))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+# --- a data run: solutions -> examples -> candidate chains -> records ---------------------------------
+
+def examples_from_trees(trees: Sequence[ReasoningTree], problems: Sequence[Problem],
+                        step_mode: str = "line") -> list[VerificationExample]:
+    """One example per distinct finished solution of each tree (same steps once per problem), its
+    gold first error from the arith checker; solutions that stop before their answer are left out."""
+    by_id = {p.id: p for p in problems}
+    examples = []
+    for tree in trees:
+        seen = set()
+        for _, text in tree.iter_trajectories():
+            steps = split_steps(text, step_mode)
+            if not steps or tuple(steps) in seen:
+                continue
+            seen.add(tuple(steps))
+            example = arith_example(by_id[tree.problem_id], steps)
+            if example is not None:
+                examples.append(example)
+    return examples
+
+
+def sample_examples(engine, problems: Sequence[Problem], samples: int = 4, max_tokens: int = 128,
+                    temperature: float = 1.0, seed: int = 0, top_p: float = 1.0) -> list[VerificationExample]:
+    """`samples` solutions per arith problem from the policy in `engine` (bare prompts), as examples."""
+    trees = [new_tree(p, PromptTemplate(style="bare"), engine.tokenizer) for p in problems]
+    settings = FlatSettings(n=samples, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return examples_from_trees(list(FlatSampler(settings).grow(engine, trees)), problems)
+
+
+def template_chains(examples: Sequence[VerificationExample], problems: Sequence[Problem]) -> list[VerificationExample]:
+    """Each example with the chain the arith checker writes for it (`arith_template_chain`)."""
+    by_id = {p.id: p for p in problems}
+    return [VerificationExample(e.problem_id, e.question, list(e.steps), e.first_error,
+                                arith_template_chain(by_id[e.problem_id], e.steps)) for e in examples]
+
+
+def verifier_chains(examples: Sequence[VerificationExample], verifier, progress: bool = False) -> list[VerificationExample]:
+    """Candidates from a verifier's own chains (`verifier.verify`, e.g. a ThinkPRM): one per distinct
+    chain of each example, so the filter can keep the right ones of its K samples."""
+    verified = verifier.verify([e.question for e in examples], [e.steps for e in examples], progress=progress)
+    return [VerificationExample(e.problem_id, e.question, list(e.steps), e.first_error, chain)
+            for e, v in zip(examples, verified) for chain in dict.fromkeys(v.chains)]
+
+
+def cap_records(examples: Sequence[VerificationExample], count: int | None) -> list[VerificationExample]:
+    """At most `count` examples, half (rounded down) right solutions and the rest wrong ones, in order."""
+    if count is None or len(examples) <= count:
+        return list(examples)
+    right, wrong = [e for e in examples if e.correct], [e for e in examples if not e.correct]
+    return right[:count // 2] + wrong[:count - count // 2]
+
+
+def build_records(candidates: Sequence[VerificationExample], tokenizer=None, max_chain_tokens: int | None = None,
+                  seed: int = 0, balanced: bool = True, num_records: int | None = None, style: str = "paper",
+                  chat: bool = False) -> tuple[list[dict], FilterReport]:
+    """The SFT records of the candidates that pass the filter (`filter_chains`), capped at
+    `num_records` (`cap_records`), rendered in `style`; and the filter's report."""
+    kept, report = filter_chains(candidates, tokenizer, max_chain_tokens, seed=seed, balanced=balanced)
+    return to_records(cap_records(kept, num_records), tokenizer, chat=chat, style=style), report
+
+
+def data_metrics(examples: Sequence[VerificationExample], report: FilterReport, records: Sequence[dict],
+                 tokenizer) -> dict:
+    """What a data run made: solutions (and how many right), the filter's counts, records and their length."""
+    lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in records]
+    return {"solutions": len(examples), "correct_solutions": sum(e.correct for e in examples),
+            "filter": asdict(report), "records": len(records),
+            "record_tokens_max": max(lengths, default=0), "record_tokens_mean": sum(lengths) / max(1, len(lengths))}
+
+
+def verifier_init(policy: str, out_dir: str | Path, positions: int, prompt_style: str = "paper",
+                  chat: bool = False) -> Path:
+    """The verifier's starting point: the policy with a `positions`-token context (`widen_context`),
+    carrying the prompt format in its `think_prm.json`, which ThinkPRM reads back (`saved_format`)."""
+    init = widen_context(policy, out_dir, positions)
+    (init / SETTINGS_FILE).write_text(json.dumps({"prompt_style": prompt_style, "chat": chat}))
+    return init

@@ -1,6 +1,6 @@
 """The generative GroundedPRM as a step scorer: a model fine-tuned on the rationale records of
-`grounded_prm.rationale_records` (launch/grounded_prm_data.py, then launch/sft.py
-`--dataset_source records`) reads a solution one step per user turn, writes each step's rationale
+`treetune.rewards.labels.grounded.rationale_records` (launch/grounded_prm_data.py, then launch/sft.py
+`--source records`) reads a solution one step per user turn, writes each step's rationale
 (<verify> ... </verify> <judge> ... </judge> <output> ... \\boxed{), and the step's score is
 P(+) / (P(+) + P(-)) for the token after `\\boxed{`.
 
@@ -16,21 +16,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from treetune.rewards.labels.grounded import SYSTEM_PROMPT, render_plain
 from treetune.rewards.scorers.think_prm import yes_probability
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings, VLLMEngine
 
 BOXED = "\\boxed{"
+# the format the PRM is trained on (`treetune.rewards.labels.grounded` writes its records in it)
+SYSTEM_PROMPT = (
+    "You check a solution to a math problem one step at a time. For each step, first write inside "
+    "<verify> </verify> the calculation the step makes and what it really evaluates to, then inside "
+    "<judge> </judge> reason about whether the step is right and end with [Right] or [Wrong], then "
+    "give the verdict as <output>\\boxed{+}</output> for a right step or <output>\\boxed{-}</output> "
+    "for a wrong one."
+)
+
+
+def render_plain(messages: Sequence[dict[str, str]]) -> str:
+    """A chat as plain text for models without a chat template; ends ready for the next assistant turn."""
+    head = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages if m["role"] != "system"]
+    return "\n\n".join(head + turns) + "\n\nAssistant: "
 
 
 def user_turn(question: str, index: int, step: str) -> str:
-    """Step `index` (from 0) as its user turn, as `grounded_prm.conversation` writes it."""
+    """Step `index` (from 0) as its user turn, as `labels.grounded.conversation` writes it."""
     text = f"Step {index + 1}: {step}"
     return f"Problem: {question}\n\n{text}" if index == 0 else text
 
 
 def render(messages: Sequence[dict[str, str]], tokenizer) -> str:
-    """The prompt for the next assistant turn, as `grounded_prm.rationale_records` renders it."""
+    """The prompt for the next assistant turn, as `treetune.rewards.labels.grounded.rationale_records` renders it."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return render_plain(messages)

@@ -4,15 +4,12 @@ at each `<extra_0>`) and Math-Shepherd (` ки` after each step, P(`+`) against 
 
 The prompt layouts, the step token and the candidate tokens are interface facts of those
 checkpoints and are matched exactly (sources in ../shared/research/rewards_eval.md 1.2 and 1.3).
+`load_scorer(path, format="qwen" | "shepherd")` builds them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from treetune.rewards.scorers.discriminative import DiscriminativePRM
-from treetune.rewards.scorers.grounded_gen import GroundedGenPRM
-from treetune.rewards.scorers.think_prm import ThinkPRM
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_STEP_TOKEN = "<extra_0>"
@@ -184,28 +181,3 @@ class MathShepherdPRM:
                         pair = pair + bias
                     out.append(torch.softmax(pair.float(), dim=-1)[:, 0].cpu().tolist())
         return _fill_missing(out, solutions)
-
-
-PRM_FORMATS = ("treetune", "qwen", "shepherd", "thinkprm", "grounded_gen")
-
-
-def load_prm(path: str, fmt: str = "treetune", separator: str = "\n", **kwargs):
-    """A step scorer for a PRM checkpoint in one of the supported conventions: `treetune` (trained
-    by launch/train_prm.py, label at the separator), `qwen` (Qwen2.5-Math-PRM), `shepherd`
-    (Math-Shepherd), `thinkprm` (ThinkPRM), `grounded_gen` (generative GroundedPRM)."""
-    if fmt == "treetune":
-
-        return DiscriminativePRM(path, separator=separator, **kwargs)
-    if fmt == "qwen":
-        return QwenMathPRM(path, **kwargs)
-    if fmt == "shepherd":
-        return MathShepherdPRM(path, **kwargs)
-    if fmt == "thinkprm":  # a generative verifier (launch/think_prm_data.py + launch/sft.py), on vLLM
-
-        kwargs.pop("separator", None)
-        return ThinkPRM(path, **kwargs)
-    if fmt == "grounded_gen":  # the generative GroundedPRM (launch/grounded_prm_data.py + launch/sft.py)
-
-        kwargs.pop("separator", None)
-        return GroundedGenPRM(path, **kwargs)
-    raise ValueError(f"unknown PRM format {fmt!r}; expected one of {', '.join(PRM_FORMATS)}")

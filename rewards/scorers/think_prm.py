@@ -170,7 +170,8 @@ def saved_format(model: str, hops: int = 3) -> dict:
         recipe = folder / "recipe.json"
         if not recipe.exists():
             return {}
-        parent = json.loads(recipe.read_text()).get("script", {}).get("model_name_or_path")
+        resolved = json.loads(recipe.read_text())  # flat; checkpoints of earlier releases nest it under "script"
+        parent = resolved.get("model_name_or_path") or resolved.get("script", {}).get("model_name_or_path")
         if not parent or not Path(parent).exists():
             return {}
         folder = Path(parent)

@@ -6,6 +6,8 @@ weighted majority, ThinkPRM, RPC) plug into `launch/best_of_n.py` with `--select
 Candidates carry their equivalence class (answers equal under math-verify share a class), so
 voting counts values, not strings. Parametric names build a selector on request:
 `weighted:<score key>[:<aggregation>]` is weighted majority over any scorer's scores.
+A selector that shares credit among tied answers (as `rpc_reference` does) carries a `credit`
+function; `selection_credit` scores any selector that way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from math import comb
 from typing import Any
 
 from treetune.rewards.scorers.arith_checker import AGGREGATIONS, aggregate
+from treetune.rewards.selection import rpc_reference
 from treetune.rewards.selection.rpc import rpc_weights
 
 
@@ -42,6 +45,16 @@ def register(name: str) -> Callable[[Selector], Selector]:
         SELECTORS[name] = selector
         return selector
     return add
+
+
+def selection_credit(select: Selector, candidates: Sequence[Candidate]) -> float:
+    """How right a selector's answer is: 1 or 0 for its pick, or the share of credit a selector
+    with a `credit` function gives (right groups among tied winners)."""
+    shared = getattr(select, "credit", None)
+    if shared is not None:
+        return float(shared(candidates))
+    pick = select(candidates)
+    return 1.0 if pick is not None and candidates[pick].correct else 0.0
 
 
 # Parametric selectors: "family:arg:..." names built on request, e.g. "weighted:think_prm:min".
@@ -152,9 +165,10 @@ for _how in ("last", "min", "product"):
 
 
 def consistency_selector(prune: bool, joint: bool) -> Selector:
-    """Perplexity consistency over the candidates that carry log-probs: `rpc` (pruning, joint
-    probabilities of distinct completions), `pc` (no pruning), `rpc_mean` (pruning, every path
-    votes with its length-normalised probability). rewards/rpc.py says why each is as it is."""
+    """treetune's perplexity consistency over the candidates that carry log-probs: `rpc` (two-start
+    pruning, joint probabilities of distinct completions), `pc` (no pruning), `rpc_mean` (pruning,
+    every path votes with its length-normalised probability). rewards/selection/rpc.py says why
+    each is as it is; `rpc_reference` is the authors' own arithmetic."""
 
     def select(candidates: Sequence[Candidate]) -> int | None:
 
@@ -169,9 +183,9 @@ def consistency_selector(prune: bool, joint: bool) -> Selector:
             weights[i] = v
         return class_vote_weights(candidates, weights)
 
-    select.__doc__ = {(True, True): "RPC: reasoning pruning, then the joint probability mass of distinct completions.",
+    select.__doc__ = {(True, True): "treetune's RPC: two-start Weibull pruning, then the joint probability mass of distinct completions.",
                       (False, True): "Perplexity consistency: joint probability mass of distinct completions, no pruning.",
-                      (True, False): "RPC as the authors' code scores: pruning, then length-normalised probability votes.",
+                      (True, False): "Two-start pruning, then every kept path votes with its length-normalised probability.",
                       (False, False): "Length-normalised probability votes, no pruning."}[(prune, joint)]
     return select
 
@@ -179,3 +193,36 @@ def consistency_selector(prune: bool, joint: bool) -> Selector:
 register("rpc")(consistency_selector(prune=True, joint=True))
 register("pc")(consistency_selector(prune=False, joint=True))
 register("rpc_mean")(consistency_selector(prune=True, joint=False))
+
+
+def _reference_choice(candidates: Sequence[Candidate]):
+    """(the reference's choice, usable indices, group key per usable index) over candidates with log-probs."""
+    usable = [i for i, c in enumerate(candidates) if c.logprob_mean is not None]
+    groups = [candidates[i].answer_class if candidates[i].answer_class is not None else rpc_reference.NO_ANSWER
+              for i in usable]
+    choice = rpc_reference.choose(groups, [candidates[i].text for i in usable], [candidates[i].logprob_mean for i in usable])
+    return choice, usable, groups
+
+
+@register("rpc_reference")
+def rpc_reference_select(candidates: Sequence[Candidate]) -> int | None:
+    """RPC as the authors' code computes it (rewards/selection/rpc_reference.py: compute_rpc.py's
+    wpc_evaluator): single-start Weibull pruning, exp(mean log-prob) summed over distinct texts.
+    Picks the first candidate of the first tied winner; `credit` shares among the tied ones."""
+    if not any(c.logprob_mean is not None for c in candidates):
+        return None
+    choice, usable, groups = _reference_choice(candidates)
+    return usable[groups.index(choice.winners[0])]
+
+
+def _rpc_reference_credit(candidates: Sequence[Candidate]) -> float:
+    if not any(c.logprob_mean is not None for c in candidates):
+        return 0.0
+    choice, usable, groups = _reference_choice(candidates)
+    right: dict = {}
+    for i, g in zip(usable, groups):  # a group is right when its first path is (one answer class, one grade)
+        right.setdefault(g, g != rpc_reference.NO_ANSWER and candidates[i].correct)
+    return choice.credit(right)
+
+
+rpc_reference_select.credit = _rpc_reference_credit

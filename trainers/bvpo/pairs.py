@@ -2,8 +2,8 @@
 
 For each prompt and each mode, `samples` responses are drawn with vLLM (the paper: 5 per prompt),
 scored by any response scorer, and the best becomes `chosen`, the worst `rejected` (the paper ranks
-with ArmoRM; here the default scorer is the gold answer via math-verify, or a reward model, or a
-step verifier aggregated over the response's steps). A (prompt, mode) whose responses all score the
+with ArmoRM; here the default scorer is the gold answer via math-verify, or a reward model, or any
+step scorer of `treetune.rewards.scorers` aggregated over the response's steps: `response_scorer`). A (prompt, mode) whose responses all score the
 same gives no pair, and the reason is recorded. Progress is kept per (problem, mode) in
 `status.jsonl`, so a killed run resumes without redoing or duplicating finished work.
 """
@@ -14,43 +14,36 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from treetune.data import Problem, PromptTemplate
 from treetune.data.bvpo_pairs import MODES, BVPOPair, mode_prompt
-from treetune.rewards.scorers.arith_checker import ArithCheckerScorer, aggregate
-from treetune.rewards.scorers.released import load_prm
+from treetune.data.steps import split_steps
+from treetune.rewards.scorers import load_scorer
 from treetune.rollouts.engines.base import GenerationRequest, SamplingSettings
+from treetune.rollouts.run import SamplingArgs
+from treetune.rollouts.scoring import StepScorer, aggregate
 
 log = logging.getLogger(__name__)
 
 
+RESPONSE_FORMATS = ("reward_model",)  # what a BVPO scorer reads besides the step scorers' formats
+
+
 @dataclass
-class BVPODataArgs:
-    output_dir: str = "outputs/bvpo_data"
-    model_name_or_path: str | None = None  # empty: the arith dual-mode tiny policy
-    source: str = "arith"
-    split: str = "train"
-    data_path: str | None = None
-    limit: int | None = 500
-    prompt_style: str | None = None
-    modes: str = "trace,empty"
-    samples: int = 5  # responses per prompt and mode (the paper: 5, ranked by ArmoRM)
-    temperature: float = 0.8  # not given by the paper [unverified]
-    top_p: float = 0.95
-    max_tokens: int = 256  # for trace-mode responses
-    empty_max_tokens: int | None = None  # for answer-only responses; default: max_tokens
-    seed: int = 0
-    scorer: str = "gold"  # gold | reward_model (scorer_path) | arith_checker | prm (scorer_path)
-    scorer_path: str | None = None
-    scorer_format: str = "treetune"  # for prm: treetune | qwen | shepherd
-    aggregation: str = "min"  # step verifiers: how step scores make a response score
-    min_gap: float = 1e-6  # least score gap between chosen and rejected
-    think_block: str | None = None  # the empty think block; default see treetune.data.bvpo_pairs
-    batch_problems: int = 64
-    kv_cache_gb: float | None = None
+class PairSettings:
+    """BVPO's pairs: the modes, samples per prompt and mode, the answer-only budget, the least gap."""
+
+    modes: str = field(default="trace,empty", metadata={
+        "help": "Comma-separated modes: trace (thinking on) and empty (an empty think block: answer only)."})
+    samples: int = field(default=5, metadata={"help": "Responses per prompt and mode (the paper: 5, ranked by ArmoRM)."})
+    empty_max_tokens: int | None = field(default=None, metadata={
+        "help": "Token budget of answer-only (empty mode) responses; empty: --max_tokens."})
+    min_gap: float = field(default=1e-6, metadata={"help": "Least score gap between chosen and rejected."})
+    think_block: str | None = field(default=None, metadata={
+        "help": "The empty think block; empty: the default of treetune.data.bvpo_pairs."})
 
 
 def final_part(response: str) -> str:
@@ -83,15 +76,15 @@ class GoldAnswerScorer:
 
 
 class StepVerifierScorer:
-    """A step scorer (exact arith checker, a PRM) over the response's answer part, aggregated to one score."""
+    """A step scorer (exact arith checker, a PRM, ...) over the response's answer part, its steps split
+    by `step_mode`, aggregated to one score."""
 
-    def __init__(self, step_scorer, aggregation: str = "min", separator: str = "\n"):
-        self.step_scorer, self.aggregation, self.separator = step_scorer, aggregation, separator
+    def __init__(self, step_scorer: StepScorer, aggregation: str = "min", step_mode: str = "line"):
+        self.step_scorer, self.aggregation, self.step_mode = step_scorer, aggregation, step_mode
         self.name = getattr(step_scorer, "name", "step_verifier")
 
     def score(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[float]:
-
-        steps = [[s.strip() for s in final_part(r).split(self.separator) if s.strip()] for r in responses]
+        steps = [split_steps(final_part(r), self.step_mode) for r in responses]
         scored = self.step_scorer.score([p.question for p in problems], steps)
         return [aggregate(s, self.aggregation) for s in scored]
 
@@ -138,24 +131,20 @@ class RewardModelScorer:
         return out
 
 
-def make_scorer(args: BVPODataArgs, grader=None) -> ResponseScorer:
-    if args.scorer == "gold":
+def response_scorer(spec: str, format: str = "treetune", grader=None, step_mode: str = "line",
+                    aggregation: str = "min", engine=None) -> ResponseScorer:
+    """The response scorer `spec` names: `gold` (the gold answer through `grader`), a sequence-
+    classification reward model (`format="reward_model"`), or any step scorer `load_scorer` builds
+    (arith_checker, tool, self_eval, a PRM in any format), aggregated over the response's steps."""
+    if spec == "gold":
         if grader is None:
             raise ValueError("the gold scorer needs a Grader")
         return GoldAnswerScorer(grader)
-    if args.scorer == "reward_model":
-        if not args.scorer_path:
-            raise ValueError("scorer 'reward_model' needs --scorer_path")
-        return RewardModelScorer(args.scorer_path)
-    if args.scorer == "arith_checker":
-
-        return StepVerifierScorer(ArithCheckerScorer(), args.aggregation)
-    if args.scorer == "prm":
-        if not args.scorer_path:
-            raise ValueError("scorer 'prm' needs --scorer_path")
-
-        return StepVerifierScorer(load_prm(args.scorer_path, args.scorer_format, separator="\n"), args.aggregation)
-    raise ValueError(f"unknown scorer {args.scorer!r}; expected gold, reward_model, arith_checker or prm")
+    if not spec:
+        raise ValueError("BVPO pairs need a scorer: gold, a reward model (--scorer_format reward_model) or a step scorer")
+    if format == "reward_model":
+        return RewardModelScorer(spec)
+    return StepVerifierScorer(load_scorer(spec, format, engine=engine, step_mode=step_mode), aggregation, step_mode)
 
 
 def pick_pair(scores: Sequence[float], texts: Sequence[str], min_gap: float) -> tuple[int, int] | str:
@@ -205,39 +194,40 @@ def _key(line: str) -> tuple[str, str] | None:
     return row.get("problem_id"), row.get("mode")
 
 
-def build_bvpo_pairs(args: BVPODataArgs, engine, tokenizer, problems: Sequence[Problem], template: PromptTemplate,
-                     scorer: ResponseScorer) -> dict:
-    """Sample, score and pair every (problem, mode), resumable in `args.output_dir`; returns the summary."""
+def build_bvpo_pairs(out_dir: str | Path, engine, tokenizer, problems: Sequence[Problem], template: PromptTemplate,
+                     scorer: ResponseScorer, settings: PairSettings, sampling: SamplingArgs,
+                     batch_problems: int = 64) -> dict:
+    """Sample, score and pair every (problem, mode), resumable in `out_dir` (pairs.jsonl,
+    status.jsonl); returns the summary."""
     from tqdm.auto import tqdm
 
-
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in settings.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        raise ValueError(f"modes must be a comma list of {', '.join(MODES)}; got {args.modes!r}")
+        raise ValueError(f"field 'modes': a comma list of {', '.join(MODES)}; got {settings.modes!r}")
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         raise ValueError("problem ids must be unique: progress is kept per problem id")
-    out = Path(args.output_dir)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
     state = BVPOProgress(out)
     special = template.style != "chat"
     todo = [(index, p, mode) for index, p in enumerate(problems) for mode in modes if (p.id, mode) not in state.done]
     bar = tqdm(total=len(problems) * len(modes), initial=len(problems) * len(modes) - len(todo), desc="bvpo pairs",
                unit="prompt")
-    step = args.batch_problems * len(modes)
+    step = batch_problems * len(modes)
     for start in range(0, len(todo), step):
         batch = todo[start:start + step]
         requests = []
         for index, problem, mode in batch:
-            prompt = mode_prompt(problem.question, mode, template, tokenizer, args.think_block)
-            budget = args.max_tokens if mode == "trace" else (args.empty_max_tokens or args.max_tokens)
+            prompt = mode_prompt(problem.question, mode, template, tokenizer, settings.think_block)
+            budget = sampling.max_tokens if mode == "trace" else (settings.empty_max_tokens or sampling.max_tokens)
             # the seed depends on the problem's place and the mode only, so a resumed run samples the same
-            seed = args.seed + 7919 * (index + 1) + (0 if mode == "trace" else 104729)
+            seed = sampling.seed + 7919 * (index + 1) + (0 if mode == "trace" else 104729)
             requests.append(GenerationRequest(tokenizer(prompt, add_special_tokens=special)["input_ids"],
-                                              SamplingSettings(n=args.samples, temperature=args.temperature, top_p=args.top_p,
-                                                               max_tokens=budget, seed=seed, logprobs=False),
+                                              SamplingSettings(n=settings.samples, temperature=sampling.temperature,
+                                                               top_p=sampling.top_p, max_tokens=budget, seed=seed,
+                                                               logprobs=False),
                                               group=f"{problem.id}/{mode}"))
         results = engine.generate(requests, progress=False)
         flat_problems = [p for (_, p, _), r in zip(batch, results) for _ in r.completions]
@@ -248,7 +238,7 @@ def build_bvpo_pairs(args: BVPODataArgs, engine, tokenizer, problems: Sequence[P
             completions = result.completions
             scores, texts = flat_scores[at:at + len(completions)], [c.text for c in completions]
             at += len(completions)
-            picked = pick_pair(scores, texts, args.min_gap)
+            picked = pick_pair(scores, texts, settings.min_gap)
             row = {"problem_id": problem.id, "mode": mode, "samples": len(texts), "mean_score": sum(scores) / max(1, len(scores))}
             if isinstance(picked, str):
                 status.append({**row, "pairs": 0, "status": picked})
@@ -263,10 +253,10 @@ def build_bvpo_pairs(args: BVPODataArgs, engine, tokenizer, problems: Sequence[P
         state.record(pairs, status)
         bar.update(len(batch))
     bar.close()
-    return summarise(state, problems, modes, out)
+    return summarise(state, problems, modes)
 
 
-def summarise(state: BVPOProgress, problems: Sequence[Problem], modes: Sequence[str], out: Path) -> dict:
+def summarise(state: BVPOProgress, problems: Sequence[Problem], modes: Sequence[str]) -> dict:
     """Pairs per mode, why the other prompts gave none, and the mean score per mode (the policy's accuracy
     in that mode when the scorer is the gold answer)."""
     ids = {p.id for p in problems}
@@ -276,5 +266,4 @@ def summarise(state: BVPOProgress, problems: Sequence[Problem], modes: Sequence[
         why = Counter(r["status"] for r in rows if r["status"] != "pair")
         summary[mode] = {"pairs": sum(r["pairs"] for r in rows), "why_no_pairs": dict(why),
                          "mean_sample_score": sum(r["mean_score"] for r in rows) / max(1, len(rows))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -20,12 +20,9 @@ new measurements are in.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from treetune.data import PromptTemplate
@@ -33,63 +30,22 @@ from treetune.data.arith import dual_mode_policy
 from treetune.data.bvpo_pairs import load_bvpo_pairs, mode_prompt
 from treetune.rollouts.run import default_prompt_style
 from treetune.trainers.bvpo.alpha import AlphaEstimator, GradientSketch
-from treetune.trainers.common import parse_recipe
-from treetune.trainers.distributed import save_final_model
-from treetune.trainers.step_dpo.trainer import load_policy, resume_point
-from trl import DPOConfig, DPOTrainer
+from treetune.trainers.bvpo.config import BVPOConfig, BVPOScriptArguments, parse_alpha
+from treetune.trainers.common import (
+    load_policy,
+    parse_recipe,
+    peft_config,
+    resume_point,
+    run_metrics,
+    save_final_model,
+    setup_logging,
+    write_metrics,
+    write_recipe,
+)
+from trl import DPOTrainer
 
 log = logging.getLogger(__name__)
 EMPTY_COLUMNS = ("empty_prompt_ids", "empty_chosen_ids", "empty_rejected_ids")
-
-
-def parse_alpha(value: str | float) -> float | None:
-    """A fixed alpha in [0, 1], or None for `auto`."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return None
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"bvpo_alpha must be a number in [0, 1] or 'auto', got {value!r}") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"bvpo_alpha must lie in [0, 1], got {alpha}")
-    return alpha
-
-
-@dataclass
-class BVPOConfig(DPOConfig):
-    """TRL's `DPOConfig` plus BVPO's mixing weight and how `auto` estimates it."""
-
-    bvpo_alpha: str = field(default="0.5", metadata={
-        "help": "Weight a of the trace loss in a*L_trace + (1-a)*L_empty: a number in [0, 1], or 'auto' "
-                "(closed-form MSE-optimal a from the two estimators' gradient statistics)."})
-    bvpo_alpha_window: int = field(default=32, metadata={"help": "auto: measured micro-batches whose gradients the estimate uses."})
-    bvpo_alpha_min_samples: int = field(default=4, metadata={"help": "auto: measurements at 0.5 before the first estimate."})
-    bvpo_alpha_every: int = field(default=1, metadata={
-        "help": "auto: measure the two gradients every N micro-batches (each measurement costs two extra backward passes)."})
-    bvpo_sketch_dim: int | None = field(default=65536, metadata={
-        "help": "auto: gradient coordinates sampled for the statistics (None or 0: all of them)."})
-    max_prompt_length: int | None = field(default=512, metadata={"help": "Prompts longer than this lose their start."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        parse_alpha(self.bvpo_alpha)  # fail at parse time, not after loading a model
-
-
-@dataclass
-class BVPOScriptArguments:
-    """Which pairs to train on and how to render their prompts; model fields come from TRL's ModelConfig."""
-
-    pairs: str = field(default="", metadata={"help": "Pair JSONL with a `mode` field per row (launch/bvpo_data.py), or a hub dataset."})
-    trace_pairs: str = field(default="", metadata={"help": "Or: a file / hub dataset of trace pairs only."})
-    empty_pairs: str = field(default="", metadata={"help": "And: a file / hub dataset of empty-trace pairs only."})
-    pairs_split: str = "train"
-    num_pairs: int | None = field(default=None, metadata={"help": "Use only the first N trace pairs."})
-    prompt_style: str | None = field(default=None, metadata={
-        "help": "bare | plain | chat; default: bare for the tiny policy, chat when the tokenizer has a template, else plain."})
-    think_block: str | None = field(default=None, metadata={
-        "help": "The empty think block appended in empty mode; default: the chat template's enable_thinking=False "
-                "rendering where it has one, else '<think>\\n\\n</think>\\n\\n' (unverified against the paper)."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Report malformed pair rows and go on, instead of stopping."})
 
 
 def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer, max_prompt_length: int | None,
@@ -330,49 +286,44 @@ def split_by_mode(script_args: BVPOScriptArguments) -> tuple[list, list, list[st
 
 
 def run_bvpo(script_args: BVPOScriptArguments, config: BVPOConfig, model_args) -> Path:
-    """Train on the pairs, save the final model (vLLM-loadable) and `metrics.json` to output_dir."""
+    """Train on the pairs, save the final model (vLLM-loadable), `recipe.json` and `metrics.json` to output_dir."""
     from transformers import set_seed
-    from trl import get_peft_config
-
-
 
     set_seed(config.seed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     trace, empty, skipped = split_by_mode(script_args)
     given = bool(model_args.model_name_or_path)
-    if not given:  # the arith default: the tiny policy taught both modes
-
-        model_args.model_name_or_path = dual_mode_policy()
-    path, tokenizer, model = load_policy(model_args)
+    # the arith default: the tiny policy taught both modes
+    path, tokenizer, model = load_policy(model_args, default=dual_mode_policy)
     style = default_prompt_style(script_args.prompt_style, given, tokenizer)
     dataset, data_report = build_bvpo_dataset(trace, empty, tokenizer, style, config.max_length, config.max_prompt_length,
                                               script_args.think_block, config.seed)
     log.info("BVPO data: %s", data_report)
-    (out / "recipe.json").write_text(json.dumps({"script": asdict(script_args), "model": asdict(model_args),
-                                                 "training": config.to_dict(), "policy": path, "prompt_style": style},
-                                                indent=2, default=str))
+    write_recipe(out, script_args, model_args, config)
     trainer = BVPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=get_peft_config(model_args))
-    result = trainer.train(resume_from_checkpoint=resume_point(config))
+                          peft_config=peft_config(model_args))
+    checkpoint = resume_point(out, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, out, tokenizer)  # vLLM-loadable: LoRA merged, ZeRO-3 weights gathered
     if trainer.accelerator.is_main_process:
         history = trainer.state.log_history
-        metrics = dict(result.metrics, steps=trainer.state.global_step, prompt_style=style, bvpo_alpha=config.bvpo_alpha,
-                       skipped_rows=len(skipped), skipped=skipped[:20], **data_report,
-                       world_size=trainer.accelerator.num_processes,
-                       loss_history=[h["loss"] for h in history if "loss" in h],
+        metrics = dict(run_metrics(trainer, result, checkpoint), policy=path, prompt_style=style,
+                       bvpo_alpha=config.bvpo_alpha, skipped_rows=len(skipped), skipped=skipped[:20], **data_report,
                        alpha_history=[h["bvpo/alpha"] for h in history if "bvpo/alpha" in h],
                        trace_loss_history=[h["trace/loss"] for h in history if "trace/loss" in h],
                        empty_loss_history=[h["empty/loss"] for h in history if "empty/loss" in h])
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_metrics(out, metrics)
     return out
 
 
 def main(argv: list[str] | None = None) -> Path:
     from trl import ModelConfig
 
-
-    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     script_args, config, model_args = parse_recipe((BVPOScriptArguments, BVPOConfig, ModelConfig), argv)
     return run_bvpo(script_args, config, model_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,11 +2,13 @@
 trees -> cDPO against the fixed starting policy -> checkpoint -> engine reopened on it).
 
 Everything a round makes stays in `output_dir/round_<r>/`: `search/` (tree shards, resumable, and
-the search metrics), `pairs.jsonl` + `pairs_summary.json`, `model/` (the checkpoint, vLLM-loadable,
-with `train_metrics.json`), `eval.json` (greedy accuracy of the new policy, when `eval_limit`),
-and `state.json`, which records the stages done. A stopped run restarted on the same output
-directory resumes in the round it stopped in, at the first stage not done (the search itself
-resumes tree by tree). `metrics.json` at the top gathers all rounds.
+the search metrics), `pairs.jsonl` + `pairs_summary.json`, `train/` (the trainer's checkpoints),
+`model/` (the checkpoint, vLLM-loadable, with its `recipe.json` and `metrics.json`), `eval.json`
+(greedy accuracy of the new policy, when `eval_limit`), and `state.json`, which records the stages
+done. A stopped run restarted on the same output directory resumes in the round it stopped in, at
+the first stage not done (the search itself resumes tree by tree; the training, with
+`--resume_from_checkpoint auto`, from the round's newest checkpoint). At the top, `config.json` is
+the resolved recipe and `metrics.json` gathers all rounds.
 
 Training runs in this process, or, given `accelerate_config` (any config in configs/accelerate/,
 as for Step-DPO), as `accelerate launch --module treetune.trainers.mcts_dpo.loop <same recipe>
@@ -19,8 +21,9 @@ Choices where the paper and the released code differ, or where this loop departs
 - no ground-truth injection (the code's default `include_gt` prepends the gold next step as a
   candidate): pairs are between the policy's own steps only, so the data stay on-policy.
 - the inside value is configurable (`scorer`): the exact arith checker, the policy's own
-  un-hinted self-evaluation (`self_eval`; the code hints it with the gold solution), a PRM, or
-  none (outcome reward only at terminals). Terminals are always graded against the gold answer.
+  un-hinted self-evaluation (`self_eval`; the code hints it with the gold solution), GroundedPRM's
+  tool, any PRM (trained here, or released: `--scorer_format qwen | shepherd`), or none (outcome
+  reward only at terminals). Terminals are always graded against the gold answer.
 - `correct_only` (the code's `--filter`, on in its scripts) and `pair_rejected` ("random", what
   the code always does through its `--choose_random` quirk, or "lowest", the paper's wording).
 - the reference model is the starting policy in every round (the code never updates it).
@@ -35,7 +38,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from treetune.data import PromptTemplate, load_problems
@@ -44,13 +47,15 @@ from treetune.data.step_pairs import load_step_pairs, write_step_pairs
 from treetune.rewards.evaluation.greedy import greedy_eval
 from treetune.rewards.grading import Grader
 from treetune.rewards.outcome import score_outcomes
-from treetune.rewards.scorers.loading import make_search_scorer
+from treetune.rewards.scorers import close_scorer, scorer_from_args
 from treetune.rollouts.run import RolloutArgs, default_prompt_style, make_engine, run_rollout
+from treetune.rollouts.scoring import ScorerArgs
 from treetune.rollouts.tree_io import read_trees
-from treetune.trainers.common import parse_recipe
+from treetune.trainers.common import CONFIG_FILE, METRICS_FILE, parse_recipe, setup_logging, write_recipe
 from treetune.trainers.distributed import launch_command
+from treetune.trainers.mcts_dpo.config import MCTSDPOConfig
 from treetune.trainers.mcts_dpo.pairs import mcts_pairs
-from treetune.trainers.mcts_dpo.trainer import MCTSDPOConfig, train_on_pairs
+from treetune.trainers.mcts_dpo.trainer import train_on_pairs
 
 log = logging.getLogger(__name__)
 
@@ -58,44 +63,54 @@ STAGES = ("search", "pairs", "train", "eval")
 
 
 @dataclass
-class MCTSDPOArgs:
-    """The loop, the search and the pairs; training fields come from `MCTSDPOConfig`, model ones from TRL's ModelConfig."""
+class MCTSDPOArgs(ScorerArgs):
+    """The loop, the search and the pairs; training fields come from `MCTSDPOConfig`, model ones from
+    TRL's ModelConfig, the inside value's scorer from `ScorerArgs` (--scorer, --scorer_format, --step_mode)."""
 
-    rounds: int = 3
-    source: str = "arith"
-    split: str = "train"
-    data_path: str | None = None
-    problems_per_round: int = 512  # round r searches problems [r * n, (r + 1) * n) of the split (wrapping)
-    prompt_style: str | None = None
+    rounds: int = field(default=3, metadata={"help": "Rounds of search -> pairs -> cDPO (-> greedy eval)."})
+    source: str = field(default="arith", metadata={"help": "Problem source the rounds search (see treetune.data.ProblemArgs)."})
+    split: str = field(default="train", metadata={"help": "Split of the source the rounds search."})
+    data_path: str | None = field(default=None, metadata={"help": "A local file for the source; empty: the hub dataset."})
+    problems_per_round: int = field(default=512, metadata={
+        "help": "Round r searches problems [r * n, (r + 1) * n) of the split (wrapping around), fresh ones each round."})
+    prompt_style: str | None = field(default=None, metadata={
+        "help": "bare | plain | chat; default: bare for the tiny policy, chat when the tokenizer has a template, else plain."})
     # search (see rollouts/mcts.py and configs/rollout/mcts.yaml)
-    engine: str = "vllm"
-    kv_cache_gb: float | None = None
+    engine: str = field(default="vllm", metadata={"help": "Engine of the search: vllm, or hf (transformers.generate)."})
+    kv_cache_gb: float | None = field(default=None, metadata={"help": "vLLM KV cache size in GB; empty: the engine's default."})
     scorer: str | None = field(default="arith_checker", metadata={
-        "help": "inside value: arith_checker | self_eval | a PRM folder / hub name | empty for outcome reward only"})
-    step_delimiter: str = "\n"
-    step_tokens: int = 32
-    search_max_depth: int = 8
-    search_max_tokens: int = 128
-    search_width: int = 2
-    mcts_iterations: int = 8
-    mcts_root_iterations: int | None = None
-    c_puct: float = 1.0
-    mcts_length_penalty: float = 1.25
-    search_temperature: float = 1.0
-    search_batch_problems: int = 128
-    # pairs (see trainers/mcts_pairs.py)
-    pair_rejected: str = "lowest"  # lowest | random (the released code's effective choice)
-    max_pairs_per_tree: int = 8
-    min_q_gap: float = 0.0
-    correct_only: bool = True
+        "help": "The search's inside value: arith_checker, tool, self_eval (the policy's un-hinted self-evaluation), "
+                "a PRM folder / hub name read as --scorer_format says, or empty for outcome reward only."})
+    step_delimiter: str | None = field(default=None, metadata={
+        "help": "A search step ends at this text; empty: the separator of --step_mode."})
+    step_tokens: int = field(default=32, metadata={"help": "A step is cut at step_delimiter or after this many tokens."})
+    search_max_depth: int = field(default=8, metadata={"help": "Most steps on a path of the search tree."})
+    search_max_tokens: int = field(default=128, metadata={"help": "Most tokens of a whole solution."})
+    search_width: int = field(default=2, metadata={"help": "Candidate steps sampled per expansion (k)."})
+    mcts_iterations: int = field(default=8, metadata={"help": "Simulations per move of the root."})
+    mcts_root_iterations: int | None = field(default=None, metadata={
+        "help": "Simulations at the first move; empty: mcts_iterations."})
+    c_puct: float = field(default=1.0, metadata={"help": "Exploration weight of PUCT selection."})
+    mcts_length_penalty: float = field(default=1.25, metadata={
+        "help": "lambda of the step prior exp(sum log p / len^lambda)."})
+    search_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the candidate steps."})
+    search_batch_problems: int = field(default=128, metadata={"help": "Problems searched together (one engine batch)."})
+    # pairs (see trainers/mcts_dpo/pairs.py)
+    pair_rejected: str = field(default="lowest", metadata={
+        "help": "lowest: the lowest-Q sibling is rejected (the paper's wording); random: a random non-best sibling "
+                "(what the released code does)."})
+    max_pairs_per_tree: int = field(default=8, metadata={"help": "Most pairs taken from one tree."})
+    min_q_gap: float = field(default=0.0, metadata={"help": "Keep a pair only when chosen Q - rejected Q exceeds this."})
+    correct_only: bool = field(default=True, metadata={"help": "Take pairs only from trees whose selected answer is right."})
     # evaluation of every round's policy (greedy), and the distributed launch
-    eval_source: str = "arith"
-    eval_split: str = "test"
-    eval_limit: int = 0  # 0: no evaluation
-    eval_max_tokens: int = 128
+    eval_source: str = field(default="arith", metadata={"help": "Problem source of the greedy evaluation after each round."})
+    eval_split: str = field(default="test", metadata={"help": "Split of the greedy evaluation."})
+    eval_limit: int = field(default=0, metadata={"help": "Problems of the greedy evaluation; 0: no evaluation."})
+    eval_max_tokens: int = field(default=128, metadata={"help": "Most tokens of a greedy answer."})
     accelerate_config: str | None = field(default=None, metadata={
         "help": "configs/accelerate/<name>.yaml: train every round under `accelerate launch`; empty: in this process"})
-    num_processes: int | None = None
+    num_processes: int | None = field(default=None, metadata={
+        "help": "With accelerate_config: processes per round's training; empty: the config's own."})
     train_round: int | None = field(default=None, metadata={"help": "internal: train only this round (the subprocess)"})
 
 
@@ -141,7 +156,8 @@ def round_problems(args: MCTSDPOArgs, r: int):
 def rollout_args(args: MCTSDPOArgs, out: Path, seed: int):
 
     return RolloutArgs(output_dir=str(out), sampler="mcts", engine=args.engine, source=args.source, split=args.split,
-                       scorer=args.scorer, step_delimiter=args.step_delimiter, step_tokens=args.step_tokens,
+                       scorer=args.scorer, scorer_format=args.scorer_format, step_mode=args.step_mode,
+                       step_delimiter=args.step_delimiter, step_tokens=args.step_tokens,
                        max_depth=args.search_max_depth, max_tokens=args.search_max_tokens,
                        search_width=args.search_width, mcts_iterations=args.mcts_iterations,
                        mcts_root_iterations=args.mcts_root_iterations, c_puct=args.c_puct,
@@ -155,11 +171,14 @@ def search_round(args: MCTSDPOArgs, config, model_args, r: int, engine, grader) 
 
     settings = rollout_args(args, round_dir(config, r) / "search", seed=config.seed + 1000 * r)
     style = default_prompt_style(args.prompt_style, bool(model_args.model_name_or_path), engine.tokenizer)
-    scorer = make_search_scorer(args.scorer, settings.step_delimiter, engine=engine)
+    scorer = scorer_from_args(args, engine)
     started = time.perf_counter()
-    summary = run_rollout(settings, engine, engine.tokenizer, round_problems(args, r), PromptTemplate(style=style),
-                          score_tree=lambda trees: score_outcomes(trees, grader), step_scorer=scorer, verifier=grader,
-                          progress=True)
+    try:
+        summary = run_rollout(settings, engine, engine.tokenizer, round_problems(args, r), PromptTemplate(style=style),
+                              score_tree=lambda trees: score_outcomes(trees, grader), step_scorer=scorer,
+                              verifier=grader, progress=True)
+    finally:
+        close_scorer(scorer)
     summary["search_seconds"] = round(time.perf_counter() - started, 2)
     return summary
 
@@ -233,8 +252,7 @@ def run_loop(args: MCTSDPOArgs, config, model_args, argv: list[str]) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
-    (out / "recipe.json").write_text(json.dumps({"loop": asdict(args), "model": asdict(model_args),
-                                                 "training": config.to_dict(), "argv": argv}, indent=2, default=str))
+    write_recipe(out, args, model_args, config, name=CONFIG_FILE)
     engine = None
     grader = Grader()
     try:
@@ -294,8 +312,8 @@ def collect_metrics(args: MCTSDPOArgs, config) -> dict:
             p = json.loads((d / "pairs_summary.json").read_text())
             row.update(search_selected_accuracy=p["selected_correct"], trees_with_pairs=p["trees_with_pairs"],
                        label_smoothing_mean=p["label_smoothing_mean"])
-        if (d / "model" / "train_metrics.json").exists():
-            t = json.loads((d / "model" / "train_metrics.json").read_text())
+        if (d / "model" / METRICS_FILE).exists():
+            t = json.loads((d / "model" / METRICS_FILE).read_text())
             row.update(train_steps=t.get("steps"), train_loss=t.get("train_loss"))
         rounds.append(row)
     metrics = {"rounds": rounds}
@@ -309,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trl import ModelConfig
 
 
-    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, config, model_args = parse_recipe((MCTSDPOArgs, MCTSDPOConfig, ModelConfig), argv)
     if args.pair_rejected not in ("lowest", "random"):

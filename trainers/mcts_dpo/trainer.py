@@ -20,26 +20,24 @@ Prompt ids, chosen ids and rejected ids are the tree's own tokens (no EOS added,
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from treetune.trainers.distributed import save_final_model
-from treetune.trainers.step_dpo.trainer import StepDPOConfig, StepDPOTrainer, resume_point
+from treetune.trainers.common import (
+    load_model,
+    load_policy,
+    peft_config,
+    resume_point,
+    run_metrics,
+    save_final_model,
+    write_metrics,
+    write_recipe,
+)
+from treetune.trainers.mcts_dpo.config import MCTSDPOConfig
+from treetune.trainers.step_dpo.trainer import StepDPOTrainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MCTSDPOConfig(StepDPOConfig):
-    """Step-DPO's config plus MCTS-DPO's per-pair smoothing and its fixed reference model."""
-
-    conservative: bool = field(default=True, metadata={
-        "help": "cDPO with each pair's visit-count label smoothing; off: the global label_smoothing for every pair."})
-    ref_model_path: str | None = field(default=None, metadata={
-        "help": "The reference model (MCTS-DPO: the starting policy, fixed over all rounds); empty: the policy itself."})
 
 
 class _Capture:
@@ -160,36 +158,29 @@ def pair_rows(pairs, max_length: int | None, max_prompt_length: int | None, cons
 
 
 def train_on_pairs(pairs, config: MCTSDPOConfig, model_args, policy: str, out: Path) -> dict:
-    """One round's cDPO from `policy` against `config.ref_model_path`; saves a vLLM-loadable model in `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import get_peft_config
-
+    """One round's cDPO from `policy` against `config.ref_model_path`; saves a vLLM-loadable model,
+    its `recipe.json` and `metrics.json` in `out` (checkpoints go to `config.output_dir`)."""
+    from transformers import set_seed
 
     set_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(policy)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = model_args.dtype or "auto"
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    _, tokenizer, model = load_policy(model_args, path=policy)
     # TRL prepares an explicit reference like its own (ZeRO-3 / FSDP / DDP) and precomputes with it
-    ref = None
-    if config.ref_model_path:
-        ref = AutoModelForCausalLM.from_pretrained(config.ref_model_path, dtype=dtype,
-                                                   attn_implementation=model_args.attn_implementation)
+    ref = load_model(config.ref_model_path, model_args) if config.ref_model_path else None
     dataset, report = pair_rows(pairs, config.max_length, config.max_prompt_length, config.conservative,
                                 config.label_smoothing)
     if config.train_sampling_strategy == "random":
         config.train_sampling_strategy = "group_by_length"
+    write_recipe(out, model_args, config)
     trainer = MCTSDPOTrainer(model=model, ref_model=ref, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=get_peft_config(model_args))
-    result = trainer.train(resume_from_checkpoint=resume_point(config))
+                             peft_config=peft_config(model_args))
+    checkpoint = resume_point(config.output_dir, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, out, tokenizer)
-    metrics = dict(result.metrics, steps=trainer.state.global_step, **report,
-                   world_size=trainer.accelerator.num_processes, policy=policy, reference=config.ref_model_path,
+    metrics = dict(run_metrics(trainer, result, checkpoint), **report, policy=policy, reference=config.ref_model_path,
                    label_smoothing_mean=sum(dataset["label_smoothing"]) / len(dataset),
                    history=[{k: v for k, v in h.items() if k in ("step", "loss", "rewards/accuracies", "rewards/margins",
                                                                "logps/chosen", "logps/rejected", "label_smoothing")}
                             for h in trainer.state.log_history if "loss" in h])
     if trainer.accelerator.is_main_process:
-        (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        write_metrics(out, metrics)
     return metrics

@@ -33,62 +33,32 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from treetune.data.arith import tiny_policy
-from treetune.trainers.common import parse_recipe
-from treetune.trainers.distributed import save_final_model
+from treetune.trainers.common import (
+    load_policy,
+    parse_recipe,
+    peft_config,
+    resume_point,
+    run_metrics,
+    save_final_model,
+    setup_logging,
+    write_metrics,
+    write_recipe,
+)
+from treetune.trainers.qtuning.config import QTuningConfig
 from treetune.trainers.qtuning.select import QUADRANT_NAMES, budget, select_samples, token_keep_mask
-from treetune.trainers.sft.trainer import SFTScriptArguments, training_records
-from trl import SFTConfig, SFTTrainer
+from treetune.trainers.sft.config import RENAMED, SFTScriptArguments
+from treetune.trainers.sft.trainer import training_records
+from trl import SFTTrainer
 
 log = logging.getLogger(__name__)
 
 # Per micro-batch statistics, summed over ranks (order of the gathered tensor).
 STATS = ("samples", "kept_samples", "topped_up", *(QUADRANT_NAMES[q] for q in sorted(QUADRANT_NAMES)),
          "answer_tokens", "loss_tokens", "backward_tokens", "scoring_tokens")
-
-
-@dataclass
-class QTuningConfig(SFTConfig):
-    """TRL's `SFTConfig` plus Q-Tuning's budgets."""
-
-    sample_ratio: float = field(default=0.25, metadata={"help": "Share of each mini-batch's samples kept (Q2 + Q4, topped up)."})
-    token_ratio: float = field(default=0.5, metadata={"help": "Share of answer tokens kept in misconception (high-PPL) samples."})
-    token_smoothing: float = field(default=0.5, metadata={"help": "lambda of the neighbour-smoothed token score."})
-    bisection_iterations: int = field(default=10, metadata={"help": "Bisection steps for the quantile share alpha (= beta)."})
-    pruning: str = field(default="qtuning", metadata={
-        "help": "qtuning, or random: the paper's random-samples x random-tokens baseline at the same budgets."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("sample_ratio", "token_ratio"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if not 0.0 <= self.token_smoothing <= 1.0:
-            raise ValueError(f"token_smoothing must be in [0, 1], got {self.token_smoothing}")
-        if self.bisection_iterations < 1:
-            raise ValueError(f"bisection_iterations must be at least 1, got {self.bisection_iterations}")
-        if self.pruning not in ("qtuning", "random"):
-            raise ValueError(f"pruning must be 'qtuning' or 'random', got {self.pruning!r}")
-        if self.packing or self.padding_free:
-            raise ValueError("Q-Tuning selects whole samples of a padded batch: packing and padding_free must be off")
-
-
-@dataclass
-class LoRAArguments:
-    """LoRA through peft, with the names of TRL's ModelConfig (which the SFT recipe's fields would clash with)."""
-
-    use_peft: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: all linear layers."})
 
 
 def score_batch(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,14 +172,10 @@ class QTuningTrainer(SFTTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # Restored before the loop starts: the Trainer restores its own RNG only after the first
         # resumed batch has been pruned, which would drop that batch from the totals.
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        checkpoint = resume_point(self.args.output_dir, resume_from_checkpoint)
         if checkpoint:
             self._load_qtuning_state(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(checkpoint, *args, **kwargs)
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Called on every rank with each checkpoint: the running totals and the random baseline's
@@ -290,55 +256,40 @@ class QTuningTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def peft_config(lora: LoRAArguments):
-    if not lora.use_peft:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="CAUSAL_LM", r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                      target_modules=lora.lora_target_modules or "all-linear")
-
-
-def run_qtuning(script_args, config: QTuningConfig, lora: LoRAArguments) -> Path:
+def run_qtuning(script_args: SFTScriptArguments, config: QTuningConfig, model_args) -> Path:
     """Fine-tune (the arith tiny policy when no model is named) with Q-Tuning; save the final model
-    (vLLM-loadable: LoRA merged, ZeRO-3 weights gathered) and `metrics.json` to output_dir."""
+    (vLLM-loadable: LoRA merged, ZeRO-3 weights gathered), `recipe.json` and `metrics.json` to output_dir."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-
-
+    from transformers import set_seed
 
     set_seed(config.seed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = script_args.model_name_or_path or tiny_policy()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    path, tokenizer, model = load_policy(model_args)
     records = training_records(script_args, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    (out / "recipe.json").write_text(json.dumps({"script": asdict(script_args), "lora": asdict(lora), "policy": path,
-                                                 "training": config.to_dict()}, indent=2, default=str))
+    write_recipe(out, script_args, model_args, config)
     trainer = QTuningTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
-                             processing_class=tokenizer, peft_config=peft_config(lora))
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+                             processing_class=tokenizer, peft_config=peft_config(model_args))
+    checkpoint = resume_point(out, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, out, tokenizer)
     if trainer.accelerator.is_main_process:
         totals = trainer.qtuning_totals
-        metrics = dict(result.metrics, steps=trainer.state.global_step, num_records=len(records), policy=path,
-                       sample_ratio=config.sample_ratio, token_ratio=config.token_ratio,
-                       world_size=trainer.accelerator.num_processes, totals=totals,
+        metrics = dict(run_metrics(trainer, result, checkpoint), num_records=len(records), policy=path,
+                       sample_ratio=config.sample_ratio, token_ratio=config.token_ratio, totals=totals,
                        kept_sample_share=totals["kept_samples"] / max(1, totals["samples"]),
                        kept_token_share=totals["loss_tokens"] / max(1, totals["answer_tokens"]),
                        log_history=trainer.state.log_history)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_metrics(out, metrics)
     return out
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from trl import ModelConfig
 
-    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
-    script_args, config, lora = parse_recipe((SFTScriptArguments, QTuningConfig, LoRAArguments), argv)
-    return run_qtuning(script_args, config, lora)
+    setup_logging()
+    script_args, config, model_args = parse_recipe((SFTScriptArguments, QTuningConfig, ModelConfig), argv, RENAMED)
+    return run_qtuning(script_args, config, model_args)
 
 
 if __name__ == "__main__":

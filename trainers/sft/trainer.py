@@ -12,60 +12,42 @@ Run it as `accelerate launch launch/sft.py --config configs/sft/arith.yaml [--fi
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from treetune.data import PromptTemplate, load_problems
 from treetune.data.records import read_records, require
-from treetune.trainers.common import parse_recipe
+from treetune.trainers.common import (
+    load_model,
+    load_tokenizer,
+    parse_recipe,
+    peft_config,
+    resume_point,
+    run_metrics,
+    save_final_model,
+    setup_logging,
+    write_metrics,
+    write_recipe,
+)
 from treetune.trainers.sft.accuracy_stop import StopAtAccuracy
+from treetune.trainers.sft.config import RENAMED, SFTScriptArguments
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTScriptArguments:
-    """What to train and on what; every TRL `SFTConfig` field is available beside these."""
-
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub name or local path; empty builds a tiny model from scratch."})
-    dataset_source: str = field(default="arith", metadata={"help": "arith, gsm8k, math, math500, jsonl (problems), or records (prompt/completion JSONL)."})
-    dataset_path: str | None = field(default=None, metadata={"help": "Local file for the dataset source."})
-    dataset_split: str = "train"
-    num_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
-    prompt_style: str = field(default="plain", metadata={"help": "plain, chat or bare (see treetune.data.prompts)."})
-    data_seed_offset: int = field(default=0, metadata={"help": "Generator seed of the arith source."})
-    stop_at_accuracy: float | None = field(default=None, metadata={"help": "Stop once greedy accuracy on held-out problems reaches this."})
-    accuracy_eval_every: int = 25
-    accuracy_eval_problems: int = 200
-    accuracy_eval_split: str = "validation"
-    # Building a model from scratch (only when model_name_or_path is empty).
-    tokenizer_vocab_size: int = 512
-    tokenizer_corpus_size: int = 5000
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 256
 
 
 def training_records(args: SFTScriptArguments, tokenizer=None) -> list[dict[str, str]]:
     """The prompt/completion records the recipe trains on."""
 
-    if args.dataset_source == "records":
-        if not args.dataset_path:
-            raise ValueError("dataset_source 'records' needs dataset_path (a JSONL of prompt/completion)")
+    if args.source == "records":
+        if not args.data_path:
+            raise ValueError("source 'records' needs data_path (a JSONL of prompt/completion rows)")
         rows, _ = read_records(
-            args.dataset_path,
-            lambda r, line: {"prompt": require(r, "prompt", args.dataset_path, line), "completion": require(r, "completion", args.dataset_path, line)},
-            limit=args.num_train_examples,
+            args.data_path,
+            lambda r, line: {"prompt": require(r, "prompt", args.data_path, line), "completion": require(r, "completion", args.data_path, line)},
+            limit=args.limit,
         )
         return rows
-    problems = load_problems(args.dataset_source, args.dataset_split, path=args.dataset_path,
-                             limit=args.num_train_examples, seed=args.data_seed_offset)
+    problems = args.load()
     template = PromptTemplate(style=args.prompt_style)
     missing = [p.id for p in problems if not p.solution]
     if missing:
@@ -127,38 +109,34 @@ def build_model(args: SFTScriptArguments, tokenizer):
     return Qwen2ForCausalLM(config)
 
 
-def run_sft(args: SFTScriptArguments, training_args) -> Path:
-    """Train, then save the final model and tokenizer (16-bit-loadable by vLLM) to `output_dir`."""
+def run_sft(args: SFTScriptArguments, training_args, model_args) -> Path:
+    """Train, then save the final model and tokenizer (vLLM-loadable: LoRA merged, ZeRO-3 weights
+    gathered), `recipe.json` and `metrics.json` to `output_dir`."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import set_seed
     from trl import SFTTrainer
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if model_args.model_name_or_path:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
         records = training_records(args, tokenizer)
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype="auto")
+        model = load_model(model_args.model_name_or_path, model_args)
     else:
         records = training_records(args)
         corpus = [r["prompt"] + r["completion"] for r in records[: args.tokenizer_corpus_size]]
         tokenizer = build_tokenizer(corpus, args.tokenizer_vocab_size)
         model = build_model(args, tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     log.info("training on %d records; model has %.2fM parameters", len(records),
              sum(p.numel() for p in model.parameters()) / 1e6)
-    (output_dir / "recipe.json").write_text(json.dumps(
-        {"script": asdict(args), "training": training_args.to_dict()}, indent=2, default=str))
+    write_recipe(output_dir, args, model_args, training_args)
 
     callbacks = []
     if args.stop_at_accuracy is not None:
-
-
-        held_out = load_problems(args.dataset_source, args.accuracy_eval_split, limit=args.accuracy_eval_problems,
-                                 seed=args.data_seed_offset)
+        held_out = load_problems(args.source, args.accuracy_eval_split, limit=args.accuracy_eval_problems,
+                                 seed=args.problem_seed)
         template = PromptTemplate(style=args.prompt_style)
         callbacks.append(StopAtAccuracy(tokenizer, [template.render(p.question, tokenizer) for p in held_out],
                                         [p.answer for p in held_out], args.stop_at_accuracy, args.accuracy_eval_every))
@@ -168,28 +146,28 @@ def run_sft(args: SFTScriptArguments, training_args) -> Path:
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
         callbacks=callbacks,
+        peft_config=peft_config(model_args),
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(str(output_dir))  # gathers 16-bit weights under ZeRO-3 (stage3_gather_16bit_weights_on_model_save)
+    checkpoint = resume_point(output_dir, training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    save_final_model(trainer, output_dir, tokenizer)
     if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(str(output_dir))
-        metrics = dict(result.metrics, num_records=len(records), steps=trainer.state.global_step,
+        metrics = dict(run_metrics(trainer, result, checkpoint), num_records=len(records),
                        num_parameters=sum(p.numel() for p in model.parameters()))
         if callbacks:
             metrics["held_out_accuracy"] = callbacks[0].history
-        (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_metrics(output_dir, metrics)
     del trainer
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return output_dir
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from trl import SFTConfig
+    from trl import ModelConfig, SFTConfig
 
-
-    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
-    script_args, training_args = parse_recipe((SFTScriptArguments, SFTConfig), argv)
-    return run_sft(script_args, training_args)
+    setup_logging()
+    script_args, training_args, model_args = parse_recipe((SFTScriptArguments, SFTConfig, ModelConfig), argv, RENAMED)
+    return run_sft(script_args, training_args, model_args)
 
 
 if __name__ == "__main__":

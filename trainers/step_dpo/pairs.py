@@ -10,7 +10,8 @@ Pairs are also read off any scored tree (TreePO, MCTS): at a branching node, sib
 differ by at least a margin give a pair (`tree_branch_pairs`).
 
 Progress is kept per problem (`status.jsonl`), so a killed run resumes without redoing or
-duplicating the problems it finished.
+duplicating the problems it finished. The job (`treetune.launch.step_dpo_data`) picks the scorer
+(any step scorer: `treetune.rewards.scorers.load_scorer`) and passes the parts these functions read.
 """
 
 from __future__ import annotations
@@ -19,52 +20,35 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from treetune.data.step_pairs import StepPair
+from treetune.data.steps import step_separator
 from treetune.rewards.outcome import score_outcomes
-from treetune.rewards.scorers.arith_checker import ArithCheckerScorer
-from treetune.rewards.scorers.released import load_prm
 from treetune.rollouts.engines.base import GenerationRequest, SamplingSettings
-from treetune.rollouts.run import RolloutArgs, run_rollout
+from treetune.rollouts.run import RolloutArgs, SamplingArgs, run_rollout
+from treetune.rollouts.scoring import StepScorer
 from treetune.rollouts.tree import ReasoningTree
 from treetune.rollouts.tree_io import read_trees
 
 log = logging.getLogger(__name__)
 
-DELIMITERS = {"line": "\n", "blank_line": "\n\n"}
-
 
 @dataclass
-class StepDPODataArgs:
-    output_dir: str = "outputs/step_dpo_data"
-    model_name_or_path: str | None = None  # empty: the arith tiny policy
-    source: str = "arith"
-    split: str = "train"
-    data_path: str | None = None
-    limit: int | None = 500
-    prompt_style: str | None = None
-    samples: int = 8  # solutions sampled per problem (Step-DPO: 2, with many more problems)
-    continuations: int = 8  # rectification samples from each correct prefix (Step-DPO: 20)
-    temperature: float = 0.8  # Step-DPO's sampling: temperature 0.8, top_p 0.95
-    top_p: float = 0.95
-    max_tokens: int = 256
-    seed: int = 0
-    step_mode: str = "line"  # line (arith, GSM8K) | blank_line (MATH-style)
-    scorer: str = "arith_checker"  # arith_checker | prm (with scorer_path) | any registered step scorer
-    scorer_path: str | None = None
-    scorer_format: str = "treetune"  # for prm: treetune | qwen | shepherd
-    error_threshold: float = 0.5  # a step scoring below this is wrong
-    wrong_per_problem: int = 2  # wrong solutions used per problem
-    max_pairs_per_error: int = 4  # distinct chosen steps kept against one rejected step
-    verify_chosen: bool = False  # also require the scorer to accept the chosen step (the paper's optional filter)
-    batch_problems: int = 64
-    kv_cache_gb: float | None = None
-    # or: pairs read off existing scored trees (launch/rollout.py TreePO, MCTS) at branching nodes
-    trees_path: str | None = None
-    value_key: str = "outcome"  # node value: MCTS `q`, or the subtree's outcome share
-    margin: float = 0.5  # least value gap between the two siblings of a pair
+class FirstErrorSettings:
+    """Step-DPO's own pipeline (§3.2): samples, where the first error is, how it is rectified."""
+
+    samples: int = field(default=8, metadata={
+        "help": "Solutions sampled per problem (Step-DPO: 2, over many more problems)."})
+    continuations: int = field(default=8, metadata={
+        "help": "Rectification samples from each correct prefix (Step-DPO: 20)."})
+    error_threshold: float = field(default=0.5, metadata={"help": "A step scoring below this is wrong."})
+    wrong_per_problem: int = field(default=2, metadata={"help": "Wrong solutions used per problem."})
+    max_pairs_per_error: int = field(default=4, metadata={
+        "help": "Distinct chosen steps kept against one rejected step."})
+    verify_chosen: bool = field(default=False, metadata={
+        "help": "Also require the scorer to accept the chosen step (the paper's optional filter)."})
 
 
 def raw_steps(text: str, delimiter: str) -> list[str]:
@@ -132,46 +116,35 @@ def tree_branch_pairs(tree: ReasoningTree, value_key: str = "outcome", margin: f
     return pairs
 
 
-def make_step_scorer(args: StepDPODataArgs):
-
-    if args.scorer == "arith_checker":
-        return ArithCheckerScorer()
-    if args.scorer == "prm":
-        if not args.scorer_path:
-            raise ValueError("scorer 'prm' needs --scorer_path")
-
-        return load_prm(args.scorer_path, args.scorer_format, separator=DELIMITERS[args.step_mode])
-    raise ValueError(f"unknown scorer {args.scorer!r}; expected arith_checker or prm")
-
-
-def locate_errors(trees: Sequence[ReasoningTree], scorer, args: StepDPODataArgs) -> list[dict]:
+def locate_errors(trees: Sequence[ReasoningTree], scorer: StepScorer, settings: FirstErrorSettings,
+                  step_mode: str = "line") -> list[dict]:
     """The wrong solutions of each tree (up to `wrong_per_problem`) with their first wrong step; a
     solution in which the scorer finds no wrong step is left out (build_pairs records why)."""
-    delimiter = DELIMITERS[args.step_mode]
+    delimiter = step_separator(step_mode)
     jobs = [{"tree": tree, "steps": raw_steps(tree.path_text(leaf.id), delimiter)}
-            for tree in trees for leaf in [l for l in tree.leaves() if _wrong(l)][: args.wrong_per_problem]]
+            for tree in trees for leaf in [l for l in tree.leaves() if _wrong(l)][: settings.wrong_per_problem]]
     scored = scorer.score([j["tree"].problem.get("question", j["tree"].prompt) for j in jobs],
                           [[s.strip() for s in j["steps"]] for j in jobs]) if jobs else []
     located = []
     for job, scores in zip(jobs, scored):
-        k = first_wrong_step(scores, args.error_threshold)
+        k = first_wrong_step(scores, settings.error_threshold)
         if k != -1:
             located.append({**job, "k": k})
     return located
 
 
-def rectify(located: list[dict], engine, grader, scorer, args: StepDPODataArgs, tokenizer) -> list[StepPair]:
+def rectify(located: list[dict], engine, grader, scorer: StepScorer, settings: FirstErrorSettings,
+            sampling: SamplingArgs, tokenizer, step_mode: str = "line") -> list[StepPair]:
     """Sample continuations from each correct prefix; correct ones give chosen steps."""
-
-    delimiter = DELIMITERS[args.step_mode]
+    delimiter = step_separator(step_mode)
     requests = []
     for i, job in enumerate(located):
         prefix = "".join(job["steps"][: job["k"]])
         job["prefix"] = prefix
         ids = list(job["tree"].prompt_ids) + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
-        requests.append(GenerationRequest(ids, SamplingSettings(n=args.continuations, temperature=args.temperature,
-                                                                top_p=args.top_p, max_tokens=args.max_tokens,
-                                                                seed=args.seed + 7919 * (i + 1), logprobs=False),
+        requests.append(GenerationRequest(ids, SamplingSettings(n=settings.continuations, temperature=sampling.temperature,
+                                                                top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                                                                seed=sampling.seed + 7919 * (i + 1), logprobs=False),
                                           group=job["tree"].problem_id))
     results = engine.generate(requests, progress=True)
     outputs, golds, owners = [], [], []
@@ -191,14 +164,14 @@ def rectify(located: list[dict], engine, grader, scorer, args: StepDPODataArgs, 
         rejected = job["steps"][job["k"]]
         full = candidates.get(i, {})
         chosen = [s for s in full if s.strip() != rejected.strip()]
-        if args.verify_chosen and chosen:
+        if settings.verify_chosen and chosen:
             question = job["tree"].problem.get("question", job["tree"].prompt)
             head = [s.strip() for s in job["steps"][: job["k"]]]
             scores = scorer.score([question] * len(chosen), [head + [c.strip()] for c in chosen])
-            chosen = [c for c, s in zip(chosen, scores) if s[-1] >= args.error_threshold]
-        job["pairs"] = len(chosen[: args.max_pairs_per_error])
+            chosen = [c for c, s in zip(chosen, scores) if s[-1] >= settings.error_threshold]
+        job["pairs"] = len(chosen[: settings.max_pairs_per_error])
         question = job["tree"].problem.get("question", job["tree"].prompt)
-        for c in chosen[: args.max_pairs_per_error]:
+        for c in chosen[: settings.max_pairs_per_error]:
             pairs.append(StepPair(prompt=question, initial_reason_steps=job["prefix"], chosen=c, rejected=rejected,
                                   answer=job["tree"].answer, problem_id=job["tree"].problem_id, step_index=job["k"],
                                   origin="first_error",
@@ -247,28 +220,28 @@ def _problem_of(line: str) -> str | None:
         return None
 
 
-def build_pairs(args: StepDPODataArgs, engine, grader, tokenizer, problems, template, scorer=None) -> dict:
-    """The whole pipeline over `problems`, resumable in `args.output_dir`; returns the summary."""
+def build_pairs(out_dir: str | Path, engine, grader, tokenizer, problems, template, scorer: StepScorer,
+                settings: FirstErrorSettings, sampling: SamplingArgs, step_mode: str = "line",
+                batch_problems: int = 64) -> dict:
+    """The whole pipeline over `problems`, resumable in `out_dir` (samples/trees, pairs.jsonl,
+    status.jsonl); returns the summary."""
     from tqdm.auto import tqdm
 
-
-    out = Path(args.output_dir)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    scorer = scorer or make_step_scorer(args)
-    rollout = RolloutArgs(output_dir=str(out / "samples"), sampler="flat", trajectories=args.samples,
-                          temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                          batch_problems=args.batch_problems)
+    rollout = RolloutArgs(output_dir=str(out / "samples"), sampler="flat", trajectories=settings.samples,
+                          temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                          seed=sampling.seed, batch_problems=batch_problems)
     run_rollout(rollout, engine, tokenizer, problems, template, lambda trees: score_outcomes(trees, grader))
     trees = {t.problem_id: t for t in read_trees(out / "samples" / "trees")}
     state = PairProgress(out)
     todo = [p.id for p in problems if p.id not in state.done]
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="step pairs", unit="problem")
-    for start in range(0, len(todo), args.batch_problems):
-        ids = todo[start:start + args.batch_problems]
+    for start in range(0, len(todo), batch_problems):
+        ids = todo[start:start + batch_problems]
         batch = [trees[i] for i in ids]
-        located = locate_errors(batch, scorer, args)
-        pairs = rectify(located, engine, grader, scorer, args, tokenizer) if located else []
+        located = locate_errors(batch, scorer, settings, step_mode)
+        pairs = rectify(located, engine, grader, scorer, settings, sampling, tokenizer, step_mode) if located else []
         status = {}
         for tree in batch:
             mine = [j for j in located if j["tree"].problem_id == tree.problem_id]
@@ -283,33 +256,29 @@ def build_pairs(args: StepDPODataArgs, engine, grader, tokenizer, problems, temp
     bar.close()
     statuses = Counter(r["status"] for pid, r in state.done.items() if pid in trees)
     total_pairs = sum(r["pairs"] for pid, r in state.done.items() if pid in trees)
-    summary = {"problems": len(problems), "problems_with_pairs": statuses.get("pairs", 0), "pairs": total_pairs,
-               "why_no_pairs": {k: v for k, v in statuses.items() if k != "pairs"},
-               "pairs_file": str(state.pairs_path)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return {"problems": len(problems), "problems_with_pairs": statuses.get("pairs", 0), "pairs": total_pairs,
+            "why_no_pairs": {k: v for k, v in statuses.items() if k != "pairs"}, "pairs_file": str(state.pairs_path)}
 
 
-def pairs_from_trees(args: StepDPODataArgs, grader) -> dict:
-    """Branching-node pairs of every tree under `args.trees_path`, graded first where needed."""
-
-    out = Path(args.output_dir)
+def pairs_from_trees(trees_path: str | Path, out_dir: str | Path, grader, value_key: str = "outcome",
+                     margin: float = 0.5) -> dict:
+    """Branching-node pairs of every tree under `trees_path` into `out_dir/pairs.jsonl`, graded
+    first where needed; returns the summary."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trees = list(read_trees(args.trees_path))
+    trees = list(read_trees(trees_path))
     if not trees:
-        raise ValueError(f"{args.trees_path}: no trees found")
+        raise ValueError(f"{trees_path}: no trees found")
     ungraded = [t for t in trees if any("outcome" not in l.scores for l in t.leaves())]
     if ungraded:
         score_outcomes(ungraded, grader)
     pairs, why = [], Counter()
     for tree in trees:
-        mine = tree_branch_pairs(tree, args.value_key, args.margin)
+        mine = tree_branch_pairs(tree, value_key, margin)
         if not mine:
             why["no branching node with a value gap" if len(tree.leaves()) > 1 else "a single path"] += 1
         pairs += mine
     path = out / "pairs.jsonl"
     path.write_text("".join(p.to_json() + "\n" for p in pairs))
-    summary = {"problems": len(trees), "problems_with_pairs": len({p.problem_id for p in pairs}), "pairs": len(pairs),
-               "why_no_pairs": dict(why), "pairs_file": str(path)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return {"problems": len(trees), "problems_with_pairs": len({p.problem_id for p in pairs}), "pairs": len(pairs),
+            "why_no_pairs": dict(why), "pairs_file": str(path)}

@@ -16,42 +16,27 @@ The loss is TRL's (sigmoid by default): Step-DPO changes the data, not the objec
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from treetune.data.arith import tiny_policy
 from treetune.data.step_pairs import dpo_prompt, load_step_pairs
 from treetune.rollouts.run import default_prompt_style
-from treetune.trainers.common import parse_recipe
-from treetune.trainers.distributed import save_final_model
-from trl import DPOConfig, DPOTrainer
+from treetune.trainers.common import (
+    load_policy,
+    parse_recipe,
+    peft_config,
+    resume_point,
+    run_metrics,
+    save_final_model,
+    setup_logging,
+    write_metrics,
+    write_recipe,
+)
+from treetune.trainers.step_dpo.config import StepDPOConfig, StepDPOScriptArguments
+from trl import DPOTrainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepDPOConfig(DPOConfig):
-    """TRL's `DPOConfig` plus the prompt budget Step-DPO truncates to."""
-
-    max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Prompts longer than this lose their start (the step is never cut)."})
-
-
-@dataclass
-class StepDPOScriptArguments:
-    """Which pairs to train on and how to render their prompts; model fields come from TRL's ModelConfig."""
-
-    pairs: str = field(default="", metadata={"help": "Pair JSONL (launch/step_dpo_data.py) or a hub dataset, e.g. xinlai/Math-Step-DPO-10K."})
-    pairs_split: str = "train"
-    num_pairs: int | None = field(default=None, metadata={"help": "Use only the first N pairs."})
-    prompt_style: str | None = field(default=None, metadata={
-        "help": "bare | plain | chat | qwen2-boxed | alpaca | deepseek-math; default: bare for the tiny "
-                "policy, chat when the tokenizer has a template, else plain."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Report malformed pair rows and go on, instead of stopping."})
 
 
 def tokenize_step_pair(prompt: str, chosen: str, rejected: str, tokenizer, max_length: int | None,
@@ -147,37 +132,9 @@ def build_step_dataset(pairs, tokenizer, style: str, max_length: int | None, max
                                      "too_long_examples": dropped[:20]}
 
 
-def load_policy(model_args):
-    """Tokenizer and causal LM named by TRL's ModelConfig; no name means the arith tiny policy."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
-    path = model_args.model_name_or_path or tiny_policy()
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
-                                                 attn_implementation=model_args.attn_implementation)
-    return path, tokenizer, model
-
-
-def resume_point(config) -> str | bool | None:
-    """`resume_from_checkpoint`: a path, or `auto` / `true` for the newest checkpoint in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    wanted = config.resume_from_checkpoint
-    if isinstance(wanted, str) and wanted.lower() in ("auto", "true", "last"):
-        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-        return last  # None: nothing to resume, start fresh
-    return wanted
-
-
 def run_step_dpo(script_args: StepDPOScriptArguments, config: StepDPOConfig, model_args) -> Path:
-    """Train on the pairs, save the final model (vLLM-loadable) and `metrics.json` to output_dir."""
+    """Train on the pairs, save the final model (vLLM-loadable), `recipe.json` and `metrics.json` to output_dir."""
     from transformers import set_seed
-    from trl import get_peft_config
-
-
 
     set_seed(config.seed)
     out = Path(config.output_dir)
@@ -193,29 +150,28 @@ def run_step_dpo(script_args: StepDPOScriptArguments, config: StepDPOConfig, mod
     dataset, tokenize_report = build_step_dataset(pairs, tokenizer, style, config.max_length, config.max_prompt_length)
     if config.train_sampling_strategy == "random":
         config.train_sampling_strategy = "group_by_length"
-    (out / "recipe.json").write_text(json.dumps({"script": asdict(script_args), "model": asdict(model_args),
-                                                 "training": config.to_dict(), "policy": path, "prompt_style": style},
-                                                indent=2, default=str))
+    write_recipe(out, script_args, model_args, config)
     trainer = StepDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=get_peft_config(model_args))
-    result = trainer.train(resume_from_checkpoint=resume_point(config))
+                             peft_config=peft_config(model_args))
+    checkpoint = resume_point(out, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, out, tokenizer)  # vLLM-loadable: LoRA merged, ZeRO-3 weights gathered
     if trainer.accelerator.is_main_process:
-        metrics = dict(result.metrics, steps=trainer.state.global_step, prompt_style=style,
+        metrics = dict(run_metrics(trainer, result, checkpoint), policy=path, prompt_style=style,
                        padding_share=trainer.padding_meter.padding_share, real_tokens=trainer.padding_meter.real,
                        pair_tokens_per_second=trainer.padding_meter.real / max(result.metrics["train_runtime"], 1e-9),
-                       skipped_rows=len(report),
-                       skipped=[str(e) for e in report.skipped[:20]], **tokenize_report,
-                       world_size=trainer.accelerator.num_processes,
-                       loss_history=[h["loss"] for h in trainer.state.log_history if "loss" in h])
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                       skipped_rows=len(report), skipped=[str(e) for e in report.skipped[:20]], **tokenize_report)
+        write_metrics(out, metrics)
     return out
 
 
 def main(argv: list[str] | None = None) -> Path:
     from trl import ModelConfig
 
-
-    logging.basicConfig(level=os.environ.get("TREETUNE_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     script_args, config, model_args = parse_recipe((StepDPOScriptArguments, StepDPOConfig, ModelConfig), argv)
     return run_step_dpo(script_args, config, model_args)
+
+
+if __name__ == "__main__":
+    main()
