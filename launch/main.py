@@ -70,7 +70,7 @@ class MainArgs:
     branch: int = field(default=2, metadata={"help": "Children a TreePO node forks into."})
     init_divergence: int = field(default=2, metadata={"help": "TreePO forks at the root, before the first segment."})
     # PRM: MC labels from the trees (consensus with the exact checker), then the fused PRM
-    prm_trees: int = field(default=300, metadata={
+    prm_trees: int = field(default=600, metadata={
         "help": "TreePO trees whose trajectories get Monte Carlo step labels for the PRM."})
     prm_k: int = field(default=4, metadata={
         "help": "Completions per step prefix for the Monte Carlo labels (the tree's own first, then fresh samples)."})
