@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from treetune.data.steps import split_steps
+from treetune.data.steps import split_steps, step_separator
 from treetune.rewards.evaluation.processbench import checker_label, tree_problem
 from treetune.rewards.scorers.grounded_gen import SYSTEM_PROMPT, render_plain  # the PRM's input format
 from treetune.rewards.scorers.tool import StepTool
@@ -56,7 +56,8 @@ GAMMA = 0.9
 
 
 def separator(step_mode: str) -> str:
-    return "\n" if step_mode == "line" else "\n\n"
+    """The text that joins steps back into a path: the one rule of `treetune.data.steps`."""
+    return step_separator(step_mode)
 
 
 # -- the hybrid reward -----------------------------------------------------------------------------

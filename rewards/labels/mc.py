@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from treetune.data.steps import split_steps
+from treetune.data.steps import split_steps, step_separator
 from treetune.rewards.grading import Grader
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
 from treetune.rollouts.stopping import request_seed
@@ -71,7 +71,8 @@ class LabelledSolution:
 
 
 def _separator(step_mode: str) -> str:
-    return "\n" if step_mode == "line" else "\n\n"
+    """The text that joins steps back into a path: the one rule of `treetune.data.steps`."""
+    return step_separator(step_mode)
 
 
 def mc_estimate(trees: Sequence[ReasoningTree], engine, grader: Grader, k: int = 8, step_mode: str = "line",
