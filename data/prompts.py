@@ -14,6 +14,18 @@ DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer wit
 STYLES = ("plain", "chat", "bare")
 
 
+def require_chat_template(tokenizer) -> None:
+    """Raise a ValueError naming the tokenizer and what to pass instead when it has no chat template
+    (a base model's tokenizer, or a checkpoint saved without `chat_template.jinja`)."""
+    if tokenizer is None:
+        raise ValueError("the 'chat' prompt style needs the model's tokenizer to render its chat template")
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"--prompt_style chat: the tokenizer of {name} has no chat template (no `chat_template` in "
+                         "its tokenizer_config.json and no chat_template.jinja); pass --prompt_style plain (the "
+                         "question and instruction as text) or bare, or a model whose tokenizer has a chat template")
+
+
 @dataclass
 class PromptTemplate:
     """How a question becomes a prompt.
@@ -41,8 +53,7 @@ class PromptTemplate:
     def render(self, question: str, tokenizer=None) -> str:
         """The prompt text for `question` (the chat style needs the tokenizer)."""
         if self.style == "chat":
-            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                raise ValueError("the 'chat' prompt style needs a tokenizer with a chat template")
+            require_chat_template(tokenizer)
             messages = [{"role": "system", "content": self.instruction}] if self.instruction else []
             for example_q, example_a in self.few_shot:
                 messages += [{"role": "user", "content": example_q}, {"role": "assistant", "content": example_a}]

@@ -17,6 +17,23 @@ def step_separator(mode: str) -> str:
     return SEPARATORS[mode]
 
 
+def step_ends(text: str, steps: list[str]) -> list[int]:
+    """Where each of `steps` (as `split_steps` cut them from `text`) ends in `text`, the white space
+    after it included: `text[:end]` is the solution through that step exactly as written (its own
+    separators, blank lines and indentation), which a continuation of that step starts after."""
+    ends, position = [], 0
+    for step in steps:
+        start = text.find(step, position)
+        if start < 0:
+            raise ValueError(f"step {step[:40]!r} is not in the text after position {position}")
+        position = start + len(step)
+        end = position
+        while end < len(text) and text[end].isspace():
+            end += 1
+        ends.append(end)
+    return ends
+
+
 def split_steps(text: str, mode: str = "blank_line", pattern: str | None = None) -> list[str]:
     """The non-empty steps of `text`, stripped of surrounding white space.
 

@@ -114,9 +114,10 @@ def sample(args: BestOfNArgs, engine, problems: list[Problem], template: PromptT
         close_scorer(owned)
 
 
-def run(args: BestOfNArgs) -> dict:
+def run(args: BestOfNArgs, engine=None) -> dict:
     """Sample (unless `trees_path` names trees already grown), optionally decode greedily, evaluate.
-    Samples resume from disk; a finished greedy pass is not redone."""
+    Samples resume from disk; a finished greedy pass is not redone. `engine`: one already serving the
+    policy, shared by a caller running several jobs (left open); else one is started when needed."""
     for name in args.selector_names:
         get_selector(name)  # an unknown selector fails before any sampling
     if args.generation != "flat" and not args.scorer:
@@ -130,10 +131,11 @@ def run(args: BestOfNArgs) -> dict:
     needs_scorer = args.generation != "flat" or reads_prm_scores(args.selector_names)
     needs_engine = not args.trees_path or (args.greedy_limit and not greedy_file.exists()) or \
         (needs_scorer and args.scorer == "self_eval")
-    engine = scorer = None
+    owned = engine is None
+    scorer = None
     with Grader() as grader:
         try:
-            if needs_engine:
+            if needs_engine and owned:
                 engine = make_engine(args)
             if needs_scorer:
                 scorer = scorer_from_args(args, engine)
@@ -150,7 +152,7 @@ def run(args: BestOfNArgs) -> dict:
             metrics = evaluate_trees(args, problems, grader, scorer)
         finally:
             close_scorer(scorer)
-            if engine is not None:
+            if engine is not None and owned:
                 engine.close()
     if greedy_file.exists():
         metrics["greedy"] = json.loads(greedy_file.read_text())

@@ -33,6 +33,9 @@ class EvalPRMArgs(ScorerArgs, EngineArgs):
     output_dir: str = field(default="outputs/eval_prm", metadata={"help": "Where config.json and metrics.json go."})
     processbench: str = field(default="", metadata={
         "help": "Comma-separated ProcessBench-format files (problem, steps, label); each file's name is its split."})
+    limit: int | None = field(default=None, metadata={
+        "help": "Score only this many cases of each ProcessBench file, half with an error and half without (F1 "
+                "needs both; the official files list all erroneous cases first), in file order; empty: all."})
     arith_trees: str | None = field(default=None, metadata={
         "help": "Trees of arith solutions (launch/rollout.py, launch/best_of_n.py), labelled by the exact checker."})
     arith_sample: int = field(default=0, metadata={
@@ -50,18 +53,32 @@ def parse_thresholds(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def run(args: EvalPRMArgs) -> dict:
-    """Score every case with the scorer, sweep the thresholds; writes and returns the metrics."""
+def balanced_head(rows: list[dict], limit: int | None) -> list[dict]:
+    """The first `limit` // 2 correct cases (label -1) and the first of the erroneous ones up to `limit`,
+    in file order; all rows when `limit` is empty."""
+    if limit is None:
+        return rows
+    correct = [i for i, r in enumerate(rows) if r["label"] == -1][: limit // 2]
+    erroneous = [i for i, r in enumerate(rows) if r["label"] != -1][: limit - len(correct)]
+    return [rows[i] for i in sorted(correct + erroneous)]
+
+
+def run(args: EvalPRMArgs, engine=None) -> dict:
+    """Score every case with the scorer, sweep the thresholds; writes and returns the metrics.
+    `engine`: one already serving the policy (for self_eval), shared by a caller running several jobs
+    (left open); else one is started from `args` when the scorer needs it."""
     if not args.scorer:
         raise ValueError("give --scorer: arith_checker, tool, self_eval, or a PRM folder / hub name (--scorer_format)")
     if not (args.processbench.strip() or args.arith_trees or args.arith_sample):
         raise ValueError("nothing to evaluate: give --processbench files, --arith_trees or --arith_sample")
-    engine = make_engine(args) if args.scorer == "self_eval" else None
+    owned = engine is None
+    if owned and args.scorer == "self_eval":
+        engine = make_engine(args)
     scorer = scorer_from_args(args, engine)
     try:
         scores, labels = {}, {}
         for path in [p.strip() for p in args.processbench.split(",") if p.strip()]:
-            rows = load_processbench(path)
+            rows = balanced_head(load_processbench(path), args.limit)
             split = Path(path).stem
             scores[split] = scorer.score([r["problem"] for r in rows], [r["steps"] for r in rows])
             labels[split] = [r["label"] for r in rows]
@@ -77,7 +94,7 @@ def run(args: EvalPRMArgs) -> dict:
             labels["arith"] = truth
     finally:
         close_scorer(scorer)
-        if engine is not None:
+        if engine is not None and owned:
             engine.close()
     by_threshold = evaluate_splits(scores, labels, parse_thresholds(args.thresholds))
     best = max(by_threshold, key=lambda t: by_threshold[t]["average_f1"])

@@ -54,15 +54,18 @@ class GroundedDataArgs(RolloutArgs):
         "help": "Render record prompts through the policy tokenizer's chat template (else plain text)."})
 
 
-def run(args: GroundedDataArgs) -> dict:
-    """Sample (resumable), tool-check, back up, filter and write the records; returns the metrics."""
+def run(args: GroundedDataArgs, engine=None) -> dict:
+    """Sample (resumable), tool-check, back up, filter and write the records; returns the metrics.
+    `engine`: one already serving the policy, shared by a caller running several jobs (left open);
+    else one is started from `args`."""
     if args.scorer not in (None, "tool"):
         raise ValueError(f"field 'scorer': {args.scorer!r}, but GroundedPRM data is labelled by its tool, which also "
                          "drives a step search; leave --scorer empty (or 'tool')")
     out = Path(args.output_dir)
     model = args.model_name_or_path or tiny_policy()
     problems = args.load()
-    engine = make_engine(args, model)
+    owned = engine is None
+    engine = make_engine(args, model) if owned else engine
     tokenizer = engine.tokenizer
     metrics: dict = {}
     try:
@@ -81,7 +84,8 @@ def run(args: GroundedDataArgs) -> dict:
             if args.simulations > 0:
                 metrics["simulated_completions"] = simulated
     finally:
-        engine.close()
+        if owned:
+            engine.close()
     gp.write_step_trees(step_trees, out / "step_trees.jsonl")
     kept, finished = gp.agreeing_paths_of(step_trees)
     records = gp.rationale_records(kept, tokenizer if args.chat_records else None)

@@ -73,9 +73,11 @@ def checker_first_errors(solutions, trees) -> list[int]:
     return firsts
 
 
-def run(args: PRMLabelArgs) -> dict:
+def run(args: PRMLabelArgs, engine=None) -> dict:
     """Write `labels.jsonl` (prompt, completions, labels), `config.json` and `metrics.json` to
-    output_dir; returns the metrics. A finished folder is returned as it is (the labels are not redone)."""
+    output_dir; returns the metrics. A finished folder is returned as it is (the labels are not redone).
+    `engine`: one already serving the policy, shared by a caller running several jobs (left open);
+    else one is started from `args`."""
     out = Path(args.output_dir)
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
@@ -87,7 +89,8 @@ def run(args: PRMLabelArgs) -> dict:
         raise ValueError(f"{args.trees_path}: no trees found")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    engine = make_engine(args)
+    owned = engine is None
+    engine = make_engine(args) if owned else engine
     try:
         with Grader() as grader:
             ungraded = [t for t in trees if any("outcome" not in leaf.scores for leaf in t.leaves())]
@@ -96,7 +99,8 @@ def run(args: PRMLabelArgs) -> dict:
             solutions = mc_estimate(trees, engine, grader, k=args.k, step_mode=args.step_mode,
                                     temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     finally:
-        engine.close()
+        if owned:
+            engine.close()
     kept = solutions
     if args.consensus == "arith_checker":
         kept = consensus(solutions, checker_first_errors(solutions, trees))

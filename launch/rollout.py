@@ -28,15 +28,17 @@ log = logging.getLogger(__name__)
 SEARCH_SAMPLERS = ("beam", "dvts", "mcts")
 
 
-def run(args: RolloutArgs) -> dict:
-    """Grow (or finish growing) the trees of `args`; returns the metrics."""
+def run(args: RolloutArgs, engine=None) -> dict:
+    """Grow (or finish growing) the trees of `args`; returns the metrics. `engine`: one already serving
+    the policy, which a caller running several jobs shares (left open); else one is started from `args`."""
     if args.sampler in SEARCH_SAMPLERS and not args.scorer and not (args.sampler == "mcts" and args.terminal_value == "verifier"):
         raise ValueError(f"sampler {args.sampler!r} needs --scorer (arith_checker, tool, self_eval or a PRM folder)")
     if args.scorer and args.sampler not in SEARCH_SAMPLERS:
         log.warning("--scorer %s is not used: sampler %r is not a step search (%s)", args.scorer, args.sampler,
                     ", ".join(SEARCH_SAMPLERS))
     problems = args.load()
-    engine = make_engine(args)
+    owned = engine is None
+    engine = make_engine(args) if owned else engine
     scorer = None
     try:
         with Grader() as grader:
@@ -46,7 +48,8 @@ def run(args: RolloutArgs) -> dict:
                                step_scorer=scorer, verifier=grader)
     finally:
         close_scorer(scorer)
-        engine.close()
+        if owned:
+            engine.close()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,7 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from treetune.data import ProblemArgs, load_problems
+from treetune.data import ProblemArgs, PromptTemplate, load_problems
 from treetune.data.arith import tiny_policy
 from treetune.rewards.labels.think_prm import (
     CHAIN_SOURCES,
@@ -34,7 +34,7 @@ from treetune.rewards.labels.think_prm import (
 )
 from treetune.rewards.scorers.think_prm import ThinkPRM
 from treetune.rollouts.engines import VLLMEngine
-from treetune.rollouts.run import SamplingArgs, redefault
+from treetune.rollouts.run import SamplingArgs, default_prompt_style, redefault
 from treetune.trainers.common import parse_config, setup_logging
 
 
@@ -64,6 +64,9 @@ class ThinkPRMDataArgs(SamplingArgs, ProblemArgs):
         "help": "Longest chain kept (tokens), and the verifier's generation limit."})
     balance: bool = field(default=True, metadata={
         "help": "Keep as many right as wrong solutions (the larger side subsampled)."})
+    solution_prompt_style: str | None = field(default=None, metadata={
+        "help": "How the policy is prompted for its solutions: bare, plain or chat; empty: bare for the arith tiny "
+                "policy, chat when the model's tokenizer has a chat template, else plain (as every sampling job)."})
     prompt_style: str = field(default="paper", metadata={
         "help": "Verification prompt: paper or compact (treetune.rewards.scorers.think_prm.render_prompt).",
         "choices": ["paper", "compact"]})
@@ -73,8 +76,9 @@ class ThinkPRMDataArgs(SamplingArgs, ProblemArgs):
         "help": "Also write init/, a copy of the policy with this context length, the verifier's start (0: skip)."})
 
 
-def run(args: ThinkPRMDataArgs) -> dict:
-    """Sample, label, get chains, filter and write the records; returns the metrics."""
+def run(args: ThinkPRMDataArgs, engine=None) -> dict:
+    """Sample, label, get chains, filter and write the records; returns the metrics. `engine`: one
+    already serving the policy, shared by a caller running several jobs (left open); else one is started."""
     if args.source != "arith":
         raise ValueError(f"source {args.source!r}: gold process labels come from the arith checker, so source must be "
                          "arith (for other data, build VerificationExamples from labelled steps, e.g. PRM800K)")
@@ -87,10 +91,16 @@ def run(args: ThinkPRMDataArgs) -> dict:
     policy = args.model_name_or_path or tiny_policy()
     limit = args.offset + args.limit if args.limit is not None else None
     problems = load_problems(args.source, args.split, path=args.data_path, limit=limit, seed=args.problem_seed)[args.offset:]
-    with VLLMEngine(policy) as engine:
+    owned = engine is None
+    engine = VLLMEngine(policy) if owned else engine
+    try:
+        style = default_prompt_style(args.solution_prompt_style, bool(args.model_name_or_path), engine.tokenizer)
         examples = sample_examples(engine, problems, args.samples, args.max_tokens, args.temperature, args.seed,
-                                   top_p=args.top_p)
+                                   top_p=args.top_p, template=PromptTemplate(style=style))
         tokenizer = engine.tokenizer
+    finally:
+        if owned:
+            engine.close()
     if args.chain_source == "template":
         candidates = template_chains(examples, problems)
     else:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from treetune.data import Problem, ProblemArgs, PromptTemplate
 from treetune.data.arith import tiny_policy
-from treetune.data.prompts import STYLES
+from treetune.data.prompts import STYLES, require_chat_template
 from treetune.data.steps import step_separator
 from treetune.rollouts.engines import HFEngine, VLLMEngine
 from treetune.rollouts.engines.server_pool import VLLMServerPool
@@ -82,8 +82,12 @@ class EngineArgs:
         return VLLMEngine(model, seed=seed, kv_cache_gb=self.kv_cache_gb)
 
     def prompt_template(self, tokenizer) -> PromptTemplate:
-        """The prompt template `prompt_style` asks for, or the default for this policy and tokenizer."""
-        return PromptTemplate(style=default_prompt_style(self.prompt_style, bool(self.model_name_or_path), tokenizer))
+        """The prompt template `prompt_style` asks for, or the default for this policy and tokenizer; a
+        chat style on a tokenizer without a chat template fails here, before any sampling."""
+        style = default_prompt_style(self.prompt_style, bool(self.model_name_or_path), tokenizer)
+        if style == "chat":
+            require_chat_template(tokenizer)
+        return PromptTemplate(style=style)
 
 
 @dataclass

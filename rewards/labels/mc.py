@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from treetune.data.steps import split_steps, step_separator
+from treetune.data.steps import split_steps, step_ends
 from treetune.rewards.grading import Grader
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
 from treetune.rollouts.stopping import request_seed
@@ -70,11 +70,6 @@ class LabelledSolution:
         return labels
 
 
-def _separator(step_mode: str) -> str:
-    """The text that joins steps back into a path: the one rule of `treetune.data.steps`."""
-    return step_separator(step_mode)
-
-
 def mc_estimate(trees: Sequence[ReasoningTree], engine, grader: Grader, k: int = 8, step_mode: str = "line",
                 temperature: float = 1.0, max_tokens: int = 256, seed: int = 0, only_wrong: bool = False
                 ) -> list[LabelledSolution]:
@@ -83,7 +78,6 @@ def mc_estimate(trees: Sequence[ReasoningTree], engine, grader: Grader, k: int =
     Leaves need `scores["outcome"]`. The last step of a solution gets its own outcome (the
     solution is its own only completion), so no sampling is spent on it.
     """
-    sep = _separator(step_mode)
     solutions, jobs = [], []  # jobs: (solution index, step index, prefix text)
     for tree in trees:
         leaves = tree.leaves()
@@ -99,8 +93,11 @@ def mc_estimate(trees: Sequence[ReasoningTree], engine, grader: Grader, k: int =
             index = len(solutions)
             solutions.append(LabelledSolution(tree.problem_id, tree.problem.get("question", ""), tree.prompt, steps,
                                               [0.0] * len(steps), bool(outcomes[leaf.id]), confidence))
+            ends = step_ends(texts[leaf.id], steps)
             for i in range(len(steps) - 1):
-                prefix = sep.join(steps[: i + 1]) + sep
+                # the solution through step i as it was written (not re-joined by a separator), so that
+                # other trajectories that continue it match and fresh completions continue the very text
+                prefix = texts[leaf.id][: ends[i]]
                 # other trajectories continuing this prefix (not the solution itself: it was
                 # selected, e.g. for being wrong, so its own ending is not a fair draw)
                 reused = [outcomes[o] for o, text in texts.items() if o != leaf.id and text.startswith(prefix)][:k]

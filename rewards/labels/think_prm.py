@@ -223,9 +223,12 @@ def examples_from_trees(trees: Sequence[ReasoningTree], problems: Sequence[Probl
 
 
 def sample_examples(engine, problems: Sequence[Problem], samples: int = 4, max_tokens: int = 128,
-                    temperature: float = 1.0, seed: int = 0, top_p: float = 1.0) -> list[VerificationExample]:
-    """`samples` solutions per arith problem from the policy in `engine` (bare prompts), as examples."""
-    trees = [new_tree(p, PromptTemplate(style="bare"), engine.tokenizer) for p in problems]
+                    temperature: float = 1.0, seed: int = 0, top_p: float = 1.0,
+                    template: PromptTemplate | None = None) -> list[VerificationExample]:
+    """`samples` solutions per arith problem from the policy in `engine`, prompted by `template`
+    (default bare, the tiny policy's; an instruct model wants its chat template), as examples."""
+    template = template or PromptTemplate(style="bare")
+    trees = [new_tree(p, template, engine.tokenizer) for p in problems]
     settings = FlatSettings(n=samples, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     return examples_from_trees(list(FlatSampler(settings).grow(engine, trees)), problems)
 

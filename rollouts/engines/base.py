@@ -103,6 +103,34 @@ def fit_max_tokens(request: GenerationRequest, context: int | None) -> int:
     return min(request.sampling.max_tokens, context - len(request.prompt_ids))
 
 
+TORN = "\ufffd"  # what a tokenizer decodes the bytes of an unfinished character to
+
+
+def continuation_text(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int], text: str,
+                      stop: Sequence[str] = (), include_stop: bool = False) -> str:
+    """The text `token_ids` add after `prompt_ids`, where the prompt ends inside a character.
+
+    A byte-level BPE spells rare characters (emoji, CJK, some maths symbols) over several tokens, so
+    a TreePO segment or a search step can end between them, and the next request's prompt then ends
+    with a torn character. Engines decode a completion on its own, which goes wrong there (vLLM
+    returns the whole prompt's text in front of the completion; a plain decode starts with U+FFFD).
+    Decoding the last prompt tokens with the completion and cutting off the text they make alone
+    (less the torn character) gives the completion's own text; a completion that itself ends inside
+    a character leaves it to the next, as vLLM does. `text` comes back unchanged when the prompt
+    ends on a whole character."""
+    tail = list(prompt_ids[-8:])  # a character is at most 4 bytes, so at most 4 tokens
+    before = tokenizer.decode(tail, skip_special_tokens=True)
+    if not before.endswith(TORN):
+        return text
+    before = before.rstrip(TORN)
+    after = tokenizer.decode(tail + list(token_ids), skip_special_tokens=True)
+    if not after.startswith(before):
+        return text
+    fixed = after[len(before):].rstrip(TORN)
+    cuts = [fixed.find(s) + (len(s) if include_stop else 0) for s in stop if s and s in fixed]
+    return fixed[:min(cuts)] if cuts else fixed
+
+
 def no_room(request: GenerationRequest) -> RequestResult:
     """The result for a prompt that leaves no room to generate: n empty completions cut by length."""
     return RequestResult([Completion([], "", [] if request.sampling.logprobs else None, "length")

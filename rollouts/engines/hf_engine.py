@@ -14,6 +14,7 @@ from treetune.rollouts.engines.base import (
     EngineCounters,
     GenerationRequest,
     RequestResult,
+    continuation_text,
     fit_max_tokens,
     no_room,
     resolve_dtype,
@@ -85,6 +86,7 @@ class HFEngine:
                         end = piece.index(stop) + (len(stop) if s.include_stop else 0)
                         ids, text, reason = ids[:k], piece[:end], "stop"
                         break
+            text = continuation_text(self.tokenizer, request.prompt_ids, ids, text, s.stop, s.include_stop)
             token_logprobs = top = None
             if logprobs is not None and s.logprobs:
                 token_logprobs = [float(logprobs[row, i, t]) for i, t in enumerate(ids)]

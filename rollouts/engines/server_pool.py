@@ -28,6 +28,7 @@ from treetune.rollouts.engines.base import (
     EngineCounters,
     GenerationRequest,
     RequestResult,
+    continuation_text,
     fit_max_tokens,
     no_room,
     resolve_dtype,
@@ -143,6 +144,14 @@ class VLLMServerPool:
                                           choice.get("finish_reason") or "stop"))
         return RequestResult(completions, prompt_tokens)
 
+    def _own_text(self, request: GenerationRequest, result: RequestResult) -> RequestResult:
+        """Each completion's own text where the prompt ends inside a character (`continuation_text`)."""
+        if self.tokenizer is not None:
+            for c in result.completions:
+                c.text = continuation_text(self.tokenizer, request.prompt_ids, c.token_ids, c.text,
+                                           request.sampling.stop, request.sampling.include_stop)
+        return result
+
     def _send(self, request: GenerationRequest) -> RequestResult:
         import requests
 
@@ -157,7 +166,7 @@ class VLLMServerPool:
                 if response.status_code < 500:
                     if response.status_code >= 400:  # our request is wrong: retrying will not help
                         raise ServerError(f"{url} refused the request ({response.status_code}): {response.text[:500]}")
-                    return self._parse(response.json(), len(request.prompt_ids))
+                    return self._own_text(request, self._parse(response.json(), len(request.prompt_ids)))
                 failure = f"HTTP {response.status_code}"
             except (requests.ConnectionError, requests.Timeout) as err:
                 failure = type(err).__name__

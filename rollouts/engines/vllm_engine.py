@@ -17,6 +17,7 @@ from treetune.rollouts.engines.base import (
     EngineCounters,
     GenerationRequest,
     RequestResult,
+    continuation_text,
     fit_max_tokens,
     no_room,
     resolve_dtype,
@@ -140,7 +141,9 @@ class VLLMEngine:
                                for step in c.logprobs]
                     if not request.sampling.logprobs:
                         logprobs = None
-                completions.append(Completion(list(c.token_ids), c.text, logprobs, c.finish_reason or "stop", top))
+                text = continuation_text(self.tokenizer, request.prompt_ids, c.token_ids, c.text,
+                                         request.sampling.stop, request.sampling.include_stop)
+                completions.append(Completion(list(c.token_ids), text, logprobs, c.finish_reason or "stop", top))
             results.append(RequestResult(completions, len(out.prompt_token_ids or [])))
         self.counters.add(results)
         return results
