@@ -80,3 +80,18 @@ def extract_answer(text: str) -> str | None:
         if found:
             return found
     return None
+
+
+_CALCULATOR = re.compile(r"<<[^<>\n]*>>")
+
+
+def gsm8k_boxed_solution(text: str) -> str:
+    """A GSM8K gold solution in the format treetune's prompts ask for: the calculator annotations
+    (`<<48/2=24>>`, made for a calculator tool the model never has) removed and the final `#### N`
+    line written as "The answer is \\boxed{N}.", so SFT on GSM8K teaches what the instruction says."""
+    answer = gsm8k_answer(text)
+    body = _CALCULATOR.sub("", text)
+    if answer is None:
+        return body
+    head = body[: body.rfind("####")].rstrip()
+    return f"{head}\nThe answer is \\boxed{{{answer}}}." if head else f"The answer is \\boxed{{{answer}}}."

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from treetune.data.arith import tiny_policy
+from treetune.rollouts.engines.base import native_bf16
 from treetune.trainers.distributed import enable_cpu_distributed
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None,
     """A trainer's recipe: `parse_config` with CPU-friendly defaults.
 
     Recipes for real models ask for bf16, which transformers refuses on a machine without a GPU
-    unless told to train on the CPU; there, bf16 is switched off unless the command line sets it.
+    unless told to train on the CPU; there, bf16 is switched off unless the command line sets it,
+    and where the CPU has no native bf16 (emulated: several times slower) so is a recipe's
+    `dtype: bfloat16` for the weights: float32 unless the command line sets `--dtype`.
     On such a machine `accelerate launch` with DDP or DeepSpeed configs runs over gloo
     (`treetune.trainers.distributed.enable_cpu_distributed`, a no-op with a GPU).
     """
@@ -190,15 +193,31 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None,
     argv = list(sys.argv[1:] if argv is None else argv)
     if not _cuda() and not any(a == "--bf16" or a.startswith("--bf16=") for a in argv):
         argv += ["--bf16", "false"]
+    takes_dtype = any("dtype" in {f.name for f in dataclasses.fields(t)} for t in dataclass_types)
+    if (takes_dtype and not _cuda() and not native_bf16()
+            and not any(a == "--dtype" or a.startswith("--dtype=") for a in argv)):
+        argv += ["--dtype", "float32"]
     return parse_config(dataclass_types, argv, renamed)
 
 
 # ---------------------------------------------------------------------------- policy loading
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(path: str, revision: str | None = None):
-    """The tokenizer at `path`, with a pad token (the EOS token when it has none: batches need one)."""
+    """The tokenizer at `path`, with a pad token (the EOS token when it has none: batches need one).
+
+    A local folder without tokenizer files is refused by name: transformers would otherwise build an
+    empty one-token tokenizer from the model's config and training would go on on garbage."""
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the base model's tokenizer "
+            f"into it (AutoTokenizer.from_pretrained(<base model>).save_pretrained({str(folder)!r})), or pass "
+            "--model_name_or_path a checkpoint folder or hub name that has one")
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -332,6 +351,17 @@ def save_final_model(trainer, output_dir: str | Path, tokenizer=None) -> Path:
             raise RuntimeError(f"{output_dir}: no model weights were written")
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def train_and_save(trainer, output_dir: str | Path, tokenizer, resume_from_checkpoint: str | bool | None):
+    """Every trainer's tail: resume where `resume_from_checkpoint` says (`auto`: the newest complete
+    checkpoint in the Trainer's own output_dir, where it writes them), train, and save the final model
+    into `output_dir` (vLLM-loadable: LoRA merged, ZeRO-3 weights gathered). Returns the Trainer's
+    train result and the checkpoint it resumed from (None for a fresh start); call on every rank."""
+    checkpoint = resume_point(trainer.args.output_dir, resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    save_final_model(trainer, output_dir, tokenizer)
+    return result, checkpoint
 
 
 def _merge_adapter(adapter_dir: Path, output_dir: Path) -> None:

@@ -21,9 +21,9 @@ def tokenize_stepwise(record: dict, tokenizer, separator: str = "\n", max_length
     A step cut off by `max_length` loses its label with it. With `spans`, also `step_spans`: the
     [start, end) token positions of each kept step's text, its separator excluded.
     """
-    ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
-        ids = [tokenizer.bos_token_id] + ids
+    # special tokens as the tokenizer itself adds them (a BOS where it has one, as for Llama), never a
+    # declared BOS it does not add: SmolLM2's is ChatML's `<|im_start|>`, which opens a chat turn
+    ids = tokenizer(record["prompt"])["input_ids"]
     labels = [IGNORE] * len(ids)
     step_spans = []
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"]

@@ -35,10 +35,9 @@ from treetune.trainers.common import (
     load_policy,
     parse_recipe,
     peft_config,
-    resume_point,
     run_metrics,
-    save_final_model,
     setup_logging,
+    train_and_save,
     write_metrics,
     write_recipe,
 )
@@ -303,9 +302,7 @@ def run_bvpo(script_args: BVPOScriptArguments, config: BVPOConfig, model_args) -
     write_recipe(out, script_args, model_args, config)
     trainer = BVPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config(model_args))
-    checkpoint = resume_point(out, config.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final_model(trainer, out, tokenizer)  # vLLM-loadable: LoRA merged, ZeRO-3 weights gathered
+    result, checkpoint = train_and_save(trainer, out, tokenizer, config.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
         history = trainer.state.log_history
         metrics = dict(run_metrics(trainer, result, checkpoint), policy=path, prompt_style=style,

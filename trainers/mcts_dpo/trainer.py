@@ -28,9 +28,8 @@ from treetune.trainers.common import (
     load_model,
     load_policy,
     peft_config,
-    resume_point,
     run_metrics,
-    save_final_model,
+    train_and_save,
     write_metrics,
     write_recipe,
 )
@@ -173,9 +172,7 @@ def train_on_pairs(pairs, config: MCTSDPOConfig, model_args, policy: str, out: P
     write_recipe(out, model_args, config)
     trainer = MCTSDPOTrainer(model=model, ref_model=ref, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(model_args))
-    checkpoint = resume_point(config.output_dir, config.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final_model(trainer, out, tokenizer)
+    result, checkpoint = train_and_save(trainer, out, tokenizer, config.resume_from_checkpoint)
     metrics = dict(run_metrics(trainer, result, checkpoint), **report, policy=policy, reference=config.ref_model_path,
                    label_smoothing_mean=sum(dataset["label_smoothing"]) / len(dataset),
                    history=[{k: v for k, v in h.items() if k in ("step", "loss", "rewards/accuracies", "rewards/margins",

@@ -31,10 +31,9 @@ from treetune.trainers.common import (
     load_policy,
     parse_recipe,
     peft_config,
-    resume_point,
     run_metrics,
-    save_final_model,
     setup_logging,
+    train_and_save,
     write_metrics,
     write_recipe,
 )
@@ -98,9 +97,7 @@ def run(args: PRMScriptArguments, training_args, model_args) -> Path:
     write_recipe(out, args, model_args, training_args)
     trainer = PRMTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(rows),
                          data_collator=PRMCollator(model.config.pad_token_id), soft_labels=args.soft_labels)
-    checkpoint = resume_point(out, training_args.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final_model(trainer, out, tokenizer)
+    result, checkpoint = train_and_save(trainer, out, tokenizer, training_args.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
         metrics = dict(run_metrics(trainer, result, checkpoint), backbone=backbone, records=len(records))
         if args.likelihood_fusion:

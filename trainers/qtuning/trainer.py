@@ -43,8 +43,8 @@ from treetune.trainers.common import (
     peft_config,
     resume_point,
     run_metrics,
-    save_final_model,
     setup_logging,
+    train_and_save,
     write_metrics,
     write_recipe,
 )
@@ -270,9 +270,7 @@ def run_qtuning(script_args: SFTScriptArguments, config: QTuningConfig, model_ar
     write_recipe(out, script_args, model_args, config)
     trainer = QTuningTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
                              processing_class=tokenizer, peft_config=peft_config(model_args))
-    checkpoint = resume_point(out, config.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final_model(trainer, out, tokenizer)
+    result, checkpoint = train_and_save(trainer, out, tokenizer, config.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
         totals = trainer.qtuning_totals
         metrics = dict(run_metrics(trainer, result, checkpoint), num_records=len(records), policy=path,

@@ -16,16 +16,16 @@ import logging
 from pathlib import Path
 
 from treetune.data import PromptTemplate, load_problems
+from treetune.data.answers import gsm8k_boxed_solution
 from treetune.data.records import read_records, require
 from treetune.trainers.common import (
     load_model,
     load_tokenizer,
     parse_recipe,
     peft_config,
-    resume_point,
     run_metrics,
-    save_final_model,
     setup_logging,
+    train_and_save,
     write_metrics,
     write_recipe,
 )
@@ -52,7 +52,12 @@ def training_records(args: SFTScriptArguments, tokenizer=None) -> list[dict[str,
     missing = [p.id for p in problems if not p.solution]
     if missing:
         raise ValueError(f"{len(missing)} problem(s) have no gold solution to train on, e.g. {missing[:3]}")
-    return [{"prompt": template.render(p.question, tokenizer), "completion": p.solution} for p in problems]
+    return [{"prompt": template.render(p.question, tokenizer), "completion": completion_of(p)} for p in problems]
+
+
+def completion_of(problem) -> str:
+    """The gold solution a problem trains on; GSM8K's in the boxed format the prompts ask for."""
+    return gsm8k_boxed_solution(problem.solution) if problem.source == "gsm8k" else problem.solution
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
@@ -148,9 +153,7 @@ def run_sft(args: SFTScriptArguments, training_args, model_args) -> Path:
         callbacks=callbacks,
         peft_config=peft_config(model_args),
     )
-    checkpoint = resume_point(output_dir, training_args.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final_model(trainer, output_dir, tokenizer)
+    result, checkpoint = train_and_save(trainer, output_dir, tokenizer, training_args.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
         metrics = dict(run_metrics(trainer, result, checkpoint), num_records=len(records),
                        num_parameters=sum(p.numel() for p in model.parameters()))

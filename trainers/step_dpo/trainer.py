@@ -26,10 +26,9 @@ from treetune.trainers.common import (
     load_policy,
     parse_recipe,
     peft_config,
-    resume_point,
     run_metrics,
-    save_final_model,
     setup_logging,
+    train_and_save,
     write_metrics,
     write_recipe,
 )
@@ -145,6 +144,8 @@ def run_step_dpo(script_args: StepDPOScriptArguments, config: StepDPOConfig, mod
                                     limit=script_args.num_pairs)
     if len(report):
         log.warning(report.summary())
+    if not pairs:  # before loading a model: an empty pair file is no length problem
+        raise ValueError(f"{script_args.pairs}: no step pairs to train on")
     path, tokenizer, model = load_policy(model_args)
     style = default_prompt_style(script_args.prompt_style, bool(model_args.model_name_or_path), tokenizer)
     dataset, tokenize_report = build_step_dataset(pairs, tokenizer, style, config.max_length, config.max_prompt_length)
@@ -153,9 +154,7 @@ def run_step_dpo(script_args: StepDPOScriptArguments, config: StepDPOConfig, mod
     write_recipe(out, script_args, model_args, config)
     trainer = StepDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(model_args))
-    checkpoint = resume_point(out, config.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final_model(trainer, out, tokenizer)  # vLLM-loadable: LoRA merged, ZeRO-3 weights gathered
+    result, checkpoint = train_and_save(trainer, out, tokenizer, config.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
         metrics = dict(run_metrics(trainer, result, checkpoint), policy=path, prompt_style=style,
                        padding_share=trainer.padding_meter.padding_share, real_tokens=trainer.padding_meter.real,
