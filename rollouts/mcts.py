@@ -182,6 +182,7 @@ class MCTSSampler:
     def grow(self, engine: Engine, trees: Sequence[ReasoningTree], progress: bool = False) -> Iterator[ReasoningTree]:
         """Search every tree to its answer; yields each tree as soon as it is finished."""
         s = self.settings
+        tokenizer = getattr(engine, "tokenizer", None)  # to keep each step's text and tokens in agreement
         states = []
         for tree in trees:
             tree.sampler = {"name": self.name, **asdict(s), "scorer": getattr(self.value, "name", None)}
@@ -204,7 +205,7 @@ class MCTSSampler:
                 self.engine_calls.append(len(requests))
             born: list[tuple[_State, list[int], list[Node]]] = []
             for (st, path), result in zip(expansions, results):
-                children, generated = add_steps(st.tree, path[-1], result, s, dedupe=s.dedupe)
+                children, generated = add_steps(st.tree, path[-1], result, s, dedupe=s.dedupe, tokenizer=tokenizer)
                 expanded = st.tree.nodes[path[-1]].scores
                 expanded["expansions"] = expanded.get("expansions", 0) + 1  # more than 1: widened
                 st.generated += generated

@@ -1,8 +1,10 @@
 """Search over reasoning steps: step-level beam search and DVTS, driven by any step scorer.
 
 A node is one reasoning step: the engine samples up to the step delimiter (kept in the node's text;
-"\\n" for arith, a blank line for MATH-style solutions), at most `step_tokens` tokens. A path stops
-at EOS, at a finished \\boxed{} answer, or at the token or step limit (`stopping.finish_reason_for`).
+"\\n" for arith, a blank line for MATH-style solutions), at most `step_tokens` tokens; a node keeps
+whole sampled tokens, so its text runs to the end of the token completing the delimiter (a real BPE's
+".\\n\\n" under "\\n": `whole_token_step`). A path stops at EOS, at a finished \\boxed{} answer, or
+at the token or step limit (`stopping.finish_reason_for`).
 
 - Beam search keeps the best M of the N candidates of a step (by the scorer's value of each path)
   and splits the N candidates of the next step evenly over the M survivors.
@@ -29,11 +31,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
 
 from treetune.data.answers import extract_answer
 from treetune.rollouts.engines import Engine, GenerationRequest, RequestResult, SamplingSettings
+from treetune.rollouts.engines.base import TORN, Completion
 from treetune.rollouts.scoring import AGGREGATIONS, PathValue, StepScorer, as_path_value
 from treetune.rollouts.stopping import finish_reason_for, request_seed
 from treetune.rollouts.tree import Node, ReasoningTree
@@ -112,24 +115,72 @@ def step_request(tree: ReasoningTree, node_id: int, n: int, s: StepSettings, sal
         group=tree.problem_id)
 
 
+def whole_token_step(completion: Completion, delimiter: str, tokenizer: Any = None,
+                     prompt_ids: Sequence[int] = ()) -> tuple[Completion, bool]:
+    """A sampled step with its text and token ids in agreement, and whether it ended at the delimiter.
+
+    An engine stopped by a stop string cuts the text right after it, but returns the token ids
+    through the token that completed it, and a byte-level BPE token may hold more than the
+    delimiter: Qwen samples ".\\n\\n" as one token, SmolLM2 "\\n\\n" or "\\n" plus indentation, so
+    under the line delimiter "\\n" the text stops short of what the ids spell. The next step is
+    prompted with the ids, so it would continue after a blank line the text does not have, and the
+    tree's text and tokens would disagree. The step therefore keeps whole sampled tokens, through
+    the first one that completes the delimiter (any after it are dropped with their log-probs), and
+    takes the text those tokens spell: the text grows by the rest of that token, which is white
+    space in Qwen's and SmolLM2's vocabularies (no token of either holds anything else after a
+    newline), so the step still ends at its delimiter. Re-tokenising the cut text instead (".\\n"
+    for ".\\n\\n") would put tokens the policy never sampled into the tree, with no log-probs of
+    their own, and prompt the next step with a split the policy would not write (it then tends to
+    open with the newline it was denied: an empty step).
+
+    The tokens are spelled after the last `prompt_ids` (8 are enough), as an engine's detokenizer
+    spells them in context: a character whose bytes began in the prompt (or a leading space that
+    some tokenizers drop at the start of a decode) comes out as in the engine's text. Without a
+    tokenizer the completion is taken as it comes. Completions that did not stop at the delimiter (EOS, length) come back unchanged."""
+    ended = completion.finish_reason == "stop" and delimiter in completion.text
+    if not ended or tokenizer is None or not completion.token_ids:
+        return completion, ended
+    ids, context = list(completion.token_ids), list(prompt_ids)[-8:]
+    before = tokenizer.decode(context, skip_special_tokens=True).rstrip(TORN)
+
+    def spell(k: int) -> str:
+        after = tokenizer.decode(context + ids[:k], skip_special_tokens=True)
+        return after[len(before):] if after.startswith(before) else tokenizer.decode(ids[:k], skip_special_tokens=True)
+
+    k, text = len(ids), spell(len(ids))
+    if text == completion.text:  # the usual case (and always on the arith tokenizer): nothing to mend
+        return completion, True
+    if delimiter not in text:
+        raise ValueError(f"a step's tokens spell {text!r} where the engine's text is {completion.text!r}: "
+                         "is the engine's tokenizer the policy's?")
+    while k > 1 and delimiter in (shorter := spell(k - 1)):
+        k, text = k - 1, shorter
+    return replace(completion, token_ids=ids[:k], text=text,
+                   logprobs=None if completion.logprobs is None else list(completion.logprobs[:k]),
+                   top_logprobs=None if completion.top_logprobs is None else list(completion.top_logprobs[:k])), True
+
+
 def add_steps(tree: ReasoningTree, parent: int, result: RequestResult, s: StepSettings,
-              dedupe: bool = False) -> tuple[list[Node], int]:
+              dedupe: bool = False, tokenizer: Any = None) -> tuple[list[Node], int]:
     """The result's completions as children of `parent` with their finish reasons; returns the new
-    nodes and the tokens generated (duplicates dropped by `dedupe` count as generated)."""
+    nodes and the tokens generated (duplicates dropped by `dedupe` count as generated). With the
+    engine's `tokenizer`, a step's text and token ids are made to agree (`whole_token_step`)."""
     parent_text = tree.path_text(parent)
-    parent_tokens = len(tree.path_token_ids(parent))
+    parent_ids = tree.path_token_ids(parent)
+    parent_tokens = len(parent_ids)
+    prompt_tail = (list(tree.prompt_ids) + parent_ids)[-8:]  # enough to spell a step that starts in a character
     depth = tree.nodes[parent].depth + 1
     seen = {tuple(c.token_ids) for c in tree.children(parent)} if dedupe else set()
     added, generated = [], 0
     for c in result.completions:
         generated += len(c.token_ids)
+        # "stop" at the delimiter ends a step, not the path; any other "stop" is EOS
+        c, step_end = whole_token_step(c, s.step_delimiter, tokenizer, prompt_tail)
         if dedupe:
             key = tuple(c.token_ids)
             if key in seen:
                 continue
             seen.add(key)
-        # "stop" at the delimiter ends a step, not the path; any other "stop" is EOS
-        step_end = c.finish_reason == "stop" and c.text.endswith(s.step_delimiter)
         engine_reason = "stop" if c.finish_reason == "stop" and not step_end else "length"
         reason = finish_reason_for(parent_text + c.text, c.text, engine_reason, parent_tokens + len(c.token_ids), depth,
                                    max_response_tokens=s.max_response_tokens, max_depth=s.max_depth,
@@ -198,6 +249,7 @@ class BeamSearchSampler:
 
     def grow(self, engine: Engine, trees: Sequence[ReasoningTree], progress: bool = False) -> Iterator[ReasoningTree]:
         s = self.settings
+        tokenizer = getattr(engine, "tokenizer", None)  # to keep each step's text and tokens in agreement
         states = []
         for tree in trees:
             tree.sampler = {"name": self.name, **asdict(s), "scorer": getattr(self.value, "name", None)}
@@ -212,7 +264,7 @@ class BeamSearchSampler:
             results = engine.generate(requests, progress=False)
             fresh: list[tuple[_BeamState, Node]] = []
             for (st, parent), result in zip(owners, results):
-                children, generated = add_steps(st.tree, parent, result, s)
+                children, generated = add_steps(st.tree, parent, result, s, tokenizer=tokenizer)
                 st.generated += generated
                 fresh += [(st, c) for c in children]
             values = evaluate_paths(self.value, [(st.tree, c.id) for st, c in fresh], s.step_delimiter)
@@ -269,6 +321,7 @@ class DVTSSampler:
     def grow(self, engine: Engine, trees: Sequence[ReasoningTree], progress: bool = False) -> Iterator[ReasoningTree]:
         s = self.settings
         subtrees = s.n // s.width
+        tokenizer = getattr(engine, "tokenizer", None)  # to keep each step's text and tokens in agreement
         states = []
         for tree in trees:
             tree.sampler = {"name": self.name, **asdict(s), "scorer": getattr(self.value, "name", None)}
@@ -284,7 +337,7 @@ class DVTSSampler:
             results = engine.generate(requests, progress=False)
             fresh: list[tuple[_DVTSState, int, list[Node]]] = []
             for (st, j, parent), result in zip(owners, results):
-                children, generated = add_steps(st.tree, parent, result, s)
+                children, generated = add_steps(st.tree, parent, result, s, tokenizer=tokenizer)
                 for child in children:
                     child.scores["subtree"] = j
                 st.generated += generated
