@@ -34,8 +34,8 @@ from treetune.rewards.grading import Grader
 from treetune.rewards.labels.formats import read_stepwise
 from treetune.rewards.outcome import score_outcomes
 from treetune.rewards.scorers import load_scorer
-from treetune.rollouts.run import RolloutArgs, make_engine, run_rollout
-from treetune.trainers.common import METRICS_FILE, parse_config, setup_logging
+from treetune.rollouts.run import RolloutArgs, default_prompt_style, make_engine, run_rollout
+from treetune.trainers.common import METRICS_FILE, load_tokenizer, parse_config, setup_logging
 from treetune.trainers.prm.fusion import split_holdout
 from treetune.trainers.prm.trainer import main as train_prm
 from treetune.trainers.step_dpo.trainer import main as step_dpo
@@ -50,6 +50,9 @@ class MainArgs:
         "help": "Folder of the run: one subfolder per stage and report/report.md; run again on it to resume."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Starting policy (a hub name or a local checkpoint); empty: the arith tiny policy, built on first use."})
+    prompt_style: str | None = field(default=None, metadata={
+        "help": "How every stage renders a problem for the policy: bare, plain or chat; empty: bare for the arith "
+                "tiny policy, the model's chat template when it has one (an instruct model), else plain."})
     max_tokens: int = field(default=128, metadata={"help": "Most tokens of a sampled solution, in every stage that samples."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling, labelling and training."})
     report_to: str = field(default="none", metadata={
@@ -121,6 +124,21 @@ class Pipeline:
         self.out = Path(args.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, dict] = {}
+        self._engine = None
+
+    def policy_engine(self):
+        """One engine on the starting policy, shared by the stages that sample it (an engine start is
+        tens of seconds on a CPU); closed once the last of them is done."""
+        if self._engine is None:
+            model = self.state["policy"]["model"]
+            self._engine = make_engine(RolloutArgs(model_name_or_path=model, prompt_style=_style(self)), model,
+                                       seed=self.args.seed)
+        return self._engine
+
+    def close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def dir(self, stage: str) -> Path:
         return self.out / stage
@@ -129,18 +147,23 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         bar = tqdm(STAGES, desc="main job", unit="stage", disable=not progress)
-        for stage in bar:
-            bar.set_postfix_str(stage)
-            marker = self.dir(stage) / "stage.json"
-            if marker.exists():
-                self.state[stage] = json.loads(marker.read_text())
-                continue
-            self.dir(stage).mkdir(parents=True, exist_ok=True)
-            started = time.time()
-            result = stages(stage)
-            result["seconds"] = round(time.time() - started, 1)
-            marker.write_text(json.dumps(result, indent=2, default=str))
-            self.state[stage] = result
+        try:
+            for stage in bar:
+                bar.set_postfix_str(stage)
+                marker = self.dir(stage) / "stage.json"
+                if marker.exists():
+                    self.state[stage] = json.loads(marker.read_text())
+                    continue
+                self.dir(stage).mkdir(parents=True, exist_ok=True)
+                started = time.time()
+                result = stages(stage)
+                if stage == POLICY_SAMPLING_STAGES[-1]:
+                    self.close_engine()  # the training stages need the memory and the cores
+                result["seconds"] = round(time.time() - started, 1)
+                marker.write_text(json.dumps(result, indent=2, default=str))
+                self.state[stage] = result
+        finally:
+            self.close_engine()
         return self.state
 
 
@@ -154,30 +177,38 @@ def run_main(args: MainArgs, progress: bool = True) -> dict:
 # --- the stages -------------------------------------------------------------------------------
 
 def _policy(p: Pipeline) -> dict:
-
+    """The starting policy and the prompt style every stage asks it in."""
     path = p.args.model_name_or_path or tiny_policy()
-    return {"model": path, "command": "python -c 'from treetune.data.arith import tiny_policy; print(tiny_policy())'"}
+    # one prompt style for every stage: an instruct model is asked in its own chat template
+    style = default_prompt_style(p.args.prompt_style, bool(p.args.model_name_or_path), load_tokenizer(path))
+    return {"model": path, "prompt_style": style,
+            "command": "python -c 'from treetune.data.arith import tiny_policy; print(tiny_policy())'"}
+
+
+def _style(p: Pipeline) -> str:
+    """The policy's prompt style (bare in runs from before the field existed)."""
+    return p.state["policy"].get("prompt_style", "bare")
 
 
 def _eval_args(p: Pipeline, stage: str, model: str):
-
+    """The best-of-N job's arguments for an evaluation stage (greedy on eval_problems, best-of-N on bon_problems)."""
     a = p.args
     return best_of_n.BestOfNArgs(output_dir=str(p.dir(stage)), model_name_or_path=model, source="arith", split="test",
                        limit=a.bon_problems, n=a.n, max_tokens=a.max_tokens, seed=a.seed, selectors="first,majority",
-                       greedy_limit=a.eval_problems, prompt_style="bare",
+                       greedy_limit=a.eval_problems, prompt_style=_style(p),
                        report_to="wandb" if a.report_to == "wandb" else "none")
 
 
-def _evaluate(p: Pipeline, stage: str, model: str) -> dict:
-
+def _evaluate(p: Pipeline, stage: str, model: str, engine=None) -> dict:
+    """Greedy and best-of-N on the test problems (`launch/best_of_n.py`), with `engine` if given."""
     eval_args = _eval_args(p, stage, model)
-    metrics = best_of_n.run(eval_args)
+    metrics = best_of_n.run(eval_args, engine)
     return {"command": command("launch/best_of_n.py", eval_args), "model": model,
             "greedy": metrics["greedy"]["accuracy"], "trees": str(p.dir(stage) / "trees")}
 
 
 def _eval_before(p: Pipeline) -> dict:
-    return _evaluate(p, "eval_before", p.state["policy"]["model"])
+    return _evaluate(p, "eval_before", p.state["policy"]["model"], p.policy_engine())
 
 
 def _eval_after(p: Pipeline) -> dict:
@@ -185,20 +216,17 @@ def _eval_after(p: Pipeline) -> dict:
 
 
 def _trees(p: Pipeline) -> dict:
-
+    """TreePO trees on the training problems, graded (`launch/rollout.py`)."""
     a = p.args
     rollout = RolloutArgs(output_dir=str(p.dir("trees")), model_name_or_path=p.state["policy"]["model"], source="arith",
-                          split="train", limit=a.train_problems, prompt_style="bare", sampler="treepo",
+                          split="train", limit=a.train_problems, prompt_style=_style(p), sampler="treepo",
                           trajectories=a.trajectories, max_tokens=a.max_tokens, seed=a.seed, segment_tokens=a.segment_tokens,
                           max_depth=a.max_depth, branch=a.branch, init_divergence=a.init_divergence)
     problems = load_problems("arith", "train", limit=a.train_problems, seed=0)
-    engine = make_engine(rollout, rollout.model_name_or_path)
-    try:
-        with Grader() as grader:
-            summary = run_rollout(rollout, engine, engine.tokenizer, problems, PromptTemplate(style="bare"),
-                                  lambda trees: score_outcomes(trees, grader))
-    finally:
-        engine.close()
+    engine = p.policy_engine()
+    with Grader() as grader:
+        summary = run_rollout(rollout, engine, engine.tokenizer, problems, PromptTemplate(style=_style(p)),
+                              lambda trees: score_outcomes(trees, grader))
     flat_tokens = summary["trajectories"] * summary["trajectory_tokens_mean"]
     return {"command": command("launch/rollout.py", rollout), "trees": str(p.dir("trees") / "trees"),
             "problems": summary["problems"], "trajectories": summary["trajectories"],
@@ -209,12 +237,12 @@ def _trees(p: Pipeline) -> dict:
 
 
 def _prm_labels(p: Pipeline) -> dict:
-
+    """Monte Carlo step labels from the trees, kept where they agree with the exact checker (`launch/prm_labels.py`)."""
     a = p.args
     label_args = prm_labels.PRMLabelArgs(output_dir=str(p.dir("prm_labels")), trees_path=p.state["trees"]["trees"],
                               model_name_or_path=p.state["policy"]["model"], k=a.prm_k, consensus="arith_checker",
                               limit_trees=a.prm_trees, truncate=a.prm_truncate, max_tokens=a.max_tokens, seed=a.seed)
-    summary = prm_labels.run(label_args)
+    summary = prm_labels.run(label_args, p.policy_engine())
     return {"command": command("launch/prm_labels.py", label_args), **summary}
 
 
@@ -262,8 +290,7 @@ def _trainer_metrics(model_dir: Path) -> dict:
 
 
 def _pairs(p: Pipeline) -> dict:
-
-
+    """Step-DPO pairs at the trees' branching nodes (`launch/step_dpo_data.py --trees_path`)."""
     data_args = step_dpo_data.StepDPODataArgs(output_dir=str(p.dir("pairs")), trees_path=p.state["trees"]["trees"],
                                               margin=p.args.pair_margin)
     summary = step_dpo_data.run(data_args)
@@ -271,14 +298,18 @@ def _pairs(p: Pipeline) -> dict:
 
 
 def _step_dpo(p: Pipeline) -> dict:
-
+    """Step-DPO on those pairs from the starting policy (`launch/step_dpo.py`)."""
     a = p.args
+    if not p.state["pairs"]["pairs"]:
+        raise RuntimeError(f"the trees gave no Step-DPO pairs ({p.state['pairs']['why_no_pairs']}): delete "
+                           f"{p.dir('pairs')} and run again with a lower --pair_margin (the run resumes there), or "
+                           "grow more trees in a fresh --output_dir (--train_problems, --trajectories, --max_tokens)")
     argv = ["--pairs", p.state["pairs"]["pairs_file"], "--model_name_or_path", p.state["policy"]["model"],
             "--output_dir", str(p.dir("step_dpo") / "model"), "--beta", str(a.dpo_beta),
             "--learning_rate", str(a.dpo_learning_rate), "--num_train_epochs", str(a.dpo_epochs),
             "--per_device_train_batch_size", str(a.dpo_batch_size), "--max_length", "256", "--max_prompt_length", "192",
             "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--logging_steps", "10", "--save_strategy", "no",
-            "--report_to", a.report_to, "--seed", str(a.seed), "--prompt_style", "bare"]
+            "--report_to", a.report_to, "--seed", str(a.seed), "--prompt_style", _style(p)]
     model = step_dpo(argv)
     metrics = json.loads((Path(model) / "metrics.json").read_text())
     return {"command": argv_command("launch/step_dpo.py", argv), "model": str(model), "steps": metrics["steps"],
@@ -287,9 +318,12 @@ def _step_dpo(p: Pipeline) -> dict:
 
 
 def _report(p: Pipeline) -> dict:
-
+    """The before/after report (`report/report.md`)."""
     return write_report(p)
 
+
+# the stages that sample the starting policy, in order: they share one engine (Pipeline.policy_engine)
+POLICY_SAMPLING_STAGES = ("eval_before", "trees", "prm_labels")
 
 STAGE_FUNCTIONS: dict[str, Callable[[Pipeline], dict]] = {
     "policy": _policy, "eval_before": _eval_before, "trees": _trees, "prm_labels": _prm_labels, "prm": _prm,
