@@ -148,11 +148,16 @@ def response_scorer(spec: str, format: str = "treetune", grader=None, step_mode:
 
 
 def pick_pair(scores: Sequence[float], texts: Sequence[str], min_gap: float) -> tuple[int, int] | str:
-    """(best, worst) indices, or why there is no pair (no spread among the scores)."""
+    """(best, worst) indices among the responses with text, or why there is no pair. A blank
+    response (an immediate EOS) is no response: a pair file must be readable by `load_bvpo_pairs`,
+    which refuses empty texts."""
     if not texts:
         return "no responses"
-    best = max(range(len(scores)), key=lambda i: scores[i])
-    worst = min(range(len(scores)), key=lambda i: scores[i])
+    usable = [i for i, text in enumerate(texts) if text.strip()]
+    if len(usable) < 2:
+        return "fewer than 2 responses with text"
+    best = max(usable, key=lambda i: scores[i])
+    worst = min(usable, key=lambda i: scores[i])
     if scores[best] - scores[worst] < min_gap or texts[best] == texts[worst]:
         return f"no spread (every response scored {scores[best]:g})"
     return best, worst

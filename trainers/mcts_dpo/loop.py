@@ -105,6 +105,8 @@ class MCTSDPOArgs(ScorerArgs):
     # evaluation of every round's policy (greedy), and the distributed launch
     eval_source: str = field(default="arith", metadata={"help": "Problem source of the greedy evaluation after each round."})
     eval_split: str = field(default="test", metadata={"help": "Split of the greedy evaluation."})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "A local file for the evaluation's source (e.g. gsm8k/test.jsonl); empty: the hub dataset."})
     eval_limit: int = field(default=0, metadata={"help": "Problems of the greedy evaluation; 0: no evaluation."})
     eval_max_tokens: int = field(default=128, metadata={"help": "Most tokens of a greedy answer."})
     accelerate_config: str | None = field(default=None, metadata={
@@ -193,7 +195,20 @@ def pairs_round(args: MCTSDPOArgs, config, r: int) -> dict:
                                 min_q_gap=args.min_q_gap, correct_only=args.correct_only, seed=config.seed + r)
     write_step_pairs(pairs, d / "pairs.jsonl")
     (d / "pairs_summary.json").write_text(json.dumps(summary, indent=2))
+    warn_if_no_preference(summary, config.conservative)
     return summary
+
+
+def warn_if_no_preference(summary: dict, conservative: bool) -> bool:
+    """Warn (and say True) when every pair's visit smoothing sits at its 0.5 cap: the chosen step was
+    visited no more than the rejected one, so cDPO's gradient on each pair is zero while the policy
+    equals the reference, and the round's training would end where it started."""
+    if not (conservative and summary["pairs"] and summary["label_smoothing_at_cap"] == summary["pairs"]):
+        return False
+    log.warning("all %d pairs have label smoothing 0.5 (no chosen step was visited more than its rejected one): "
+                "cDPO learns nothing from them. Search longer (--mcts_iterations), give the search an inside value "
+                "(--scorer), or train on the plain preference (--conservative false)", summary["pairs"])
+    return True
 
 
 def train_round(args: MCTSDPOArgs, config, model_args, r: int) -> dict:
@@ -221,10 +236,15 @@ def train_subprocess(args: MCTSDPOArgs, argv: list[str], r: int) -> None:
     subprocess.run(command, check=True)
 
 
+def eval_problems(args: MCTSDPOArgs):
+    """The greedy evaluation's problems: `eval_limit` of the eval source, from `eval_data_path` when given."""
+    return load_problems(args.eval_source, args.eval_split, path=args.eval_data_path, limit=args.eval_limit)
+
+
 def greedy_round(args: MCTSDPOArgs, model_args, engine, grader=None) -> dict:
 
     style = default_prompt_style(args.prompt_style, bool(model_args.model_name_or_path), engine.tokenizer)
-    problems = load_problems(args.eval_source, args.eval_split, limit=args.eval_limit)
+    problems = eval_problems(args)
     metrics, _ = greedy_eval(engine, engine.tokenizer, problems, PromptTemplate(style=style),
                              max_tokens=args.eval_max_tokens, grader=grader, progress=False)
     return metrics
