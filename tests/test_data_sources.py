@@ -98,7 +98,7 @@ def test_prompt_templates():
     assert PromptTemplate(style="bare").render("Q?") == "Q?\n"
     shots = PromptTemplate(style="bare", few_shot=[("1+1?", "\\boxed{2}")])
     assert shots.render("2+2?") == "1+1?\n\\boxed{2}\n\n2+2?\n"
-    with pytest.raises(ValueError, match="needs a tokenizer"):
+    with pytest.raises(ValueError, match="needs the model.s tokenizer"):
         PromptTemplate(style="chat").render("Q?")
     with pytest.raises(ValueError, match="unknown prompt style"):
         PromptTemplate(style="fancy")
