@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
+    from treetune.data.arith import policy_build, tiny_policy
     from treetune.rewards.evaluation.best_of_n import evaluate_leaves, problem_trees, sample_graded, write_report
     from treetune.rewards.grading import Grader
     from treetune.rollouts.run import RolloutArgs, make_engine
@@ -34,7 +34,7 @@ def main() -> None:
         run = RolloutArgs(output_dir=args.workdir or scratch, limit=args.problems, sampler="flat", trajectories=args.n,
                           max_tokens=128)
         problems = load_problems("arith", "test", limit=args.problems)
-        result: dict = {"problems": len(problems), "n": args.n}
+        result: dict = {"problems": len(problems), "n": args.n, "start_policy": policy_build()}
         with Grader() as grader:
             engine = make_engine(run, tiny_policy())
             try:

@@ -106,7 +106,7 @@ def main() -> None:
     a = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import dual_mode_policy
+    from treetune.data.arith import dual_mode_policy, policy_build
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
     from treetune.launch.bvpo_data import BVPODataArgs
@@ -118,7 +118,7 @@ def main() -> None:
     result: dict = {"settings": vars(a)}
     started = time.perf_counter()
     policy = dual_mode_policy()
-    result["policy"] = {"path": policy, "seconds": round(time.perf_counter() - started, 1)}
+    result["policy"] = {"path": policy, "build": policy_build(policy)["build"], "seconds": round(time.perf_counter() - started, 1)}
 
     data_args = BVPODataArgs(output_dir=str(work / "pairs"), limit=a.train_problems, samples=a.samples, temperature=a.temperature,
                              max_tokens=128, empty_max_tokens=32, batch_problems=128)

@@ -177,6 +177,9 @@ def main() -> None:
 
     result: dict = {"settings": vars(args)}
     if not args.skip_arith:
+        from treetune.data.arith import policy_build
+
+        result["start_policy"] = policy_build()
         result["arith"] = arith_part(args)
         print(json.dumps(result["arith"], indent=2), flush=True)
     result["gsm8k"] = gsm8k_part(args)

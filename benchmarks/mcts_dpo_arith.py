@@ -61,12 +61,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
 
+    from treetune.data.arith import policy_build
+
     work = Path(a.workdir or tempfile.mkdtemp(prefix="mcts_dpo_arith_"))
     output = Path(a.output)
     result = json.loads(output.read_text()) if output.exists() else {}
     result.setdefault("variants", {})
     result["settings"] = {"rounds": a.rounds, "eval_problems": a.eval_problems, "recipe": "configs/mcts_dpo/arith.yaml",
-                          "policy": "arith tiny policy (treetune.data.arith.tiny_policy)"}
+                          "policy": policy_build()}
     for name in names:
         result["variants"][name] = run_variant(name, work / name, a)
         done = {k: v["gain_points_after_last_round"] for k, v in result["variants"].items()}

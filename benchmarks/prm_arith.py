@@ -36,7 +36,7 @@ def main() -> None:
 
     from transformers import TrainingArguments
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import check_solution, tiny_policy
+    from treetune.data.arith import check_solution, policy_build, tiny_policy
     from treetune.rewards.evaluation.best_of_n import evaluate_leaves, problem_trees, sample_graded, write_report
     from treetune.rewards.evaluation.processbench import arith_cases, evaluate_splits, sample_arith_trees
     from treetune.rewards.grading import Grader
@@ -56,7 +56,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prm_arith_"))
     work.mkdir(parents=True, exist_ok=True)
     template = PromptTemplate(style="bare")
-    result: dict = {}
+    result: dict = {"start_policy": policy_build()}
     train_problems = load_problems("arith", "train", limit=args.train_problems)
     by_id = {p.id: p for p in train_problems}
     with Grader() as grader:

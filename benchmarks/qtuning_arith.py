@@ -319,7 +319,7 @@ def main() -> None:
         return
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
+    from treetune.data.arith import policy_build, tiny_policy
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="qtuning_arith_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -338,7 +338,7 @@ def main() -> None:
                    "cosine, 8 per device x 4 accumulation. Backward tokens = tokens of the kept sequences that went "
                    "through forward+backward (prompt included); loss tokens = answer tokens left in the loss; "
                    "scoring tokens = Q-Tuning's extra no-grad forward."),
-        "policy": policy, "records": str(data), "noisy_records": sum(r["noisy"] for r in records),
+        "policy": policy, "start_policy": policy_build(policy), "records": str(data), "noisy_records": sum(r["noisy"] for r in records),
     }
     test = load_problems("arith", "test", limit=a.eval_problems)
     if not a.skip_diagnostic:

@@ -122,7 +122,7 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(TREEPO_VARIANTS)}")
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
+    from treetune.data.arith import policy_build, tiny_policy
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import GenerationRequest, VLLMEngine
     from treetune.rollouts.flat import FlatSampler, FlatSettings
@@ -131,7 +131,7 @@ def main() -> None:
 
     problems = load_problems("arith", "test", limit=args.problems)
     template = PromptTemplate(style="bare")
-    result = {"problems": len(problems), "trajectories_per_problem": args.trajectories, "seeds": seeds,
+    result = {"start_policy": policy_build(), "problems": len(problems), "trajectories_per_problem": args.trajectories, "seeds": seeds,
               "variants": {n: TREEPO_VARIANTS[n] for n in names}, "runs": {}, "vs_flat": {}}
     with VLLMEngine(tiny_policy()) as engine, Grader() as grader:
         make_trees = lambda: [new_tree(p, template, engine.tokenizer) for p in problems]  # noqa: E731

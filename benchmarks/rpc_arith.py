@@ -171,7 +171,7 @@ def main() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
+    from treetune.data.arith import policy_build, tiny_policy
     from treetune.launch.best_of_n import BestOfNArgs, rollout_args, sample
     from treetune.rewards.evaluation.best_of_n import assign_answer_classes, candidates, evaluate, sweep
     from treetune.rewards.grading import Grader
@@ -185,7 +185,7 @@ def main() -> None:
     wanted = {p.id for p in problems}
     tree_dir = Path(args.trees) / "trees"
     result: dict = {"problems": len(problems), "n": args.n, "resamples": args.resamples, "tolerance": args.tolerance,
-                    "policy": "tiny arith policy", "temperature": run.temperature, "max_tokens": run.max_tokens}
+                    "policy": policy_build(), "temperature": run.temperature, "max_tokens": run.max_tokens}
     with Grader() as grader:
         have = {t.problem_id for t in read_trees(tree_dir)} if tree_dir.exists() else set()
         if wanted - have:

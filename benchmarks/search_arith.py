@@ -51,7 +51,7 @@ def main() -> None:
 
     from tqdm.auto import tqdm
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
+    from treetune.data.arith import policy_build, tiny_policy
     from treetune.rewards.grading import Grader
     from treetune.rewards.outcome import score_outcomes
     from treetune.rewards.scorers.arith_checker import AGGREGATIONS, ArithCheckerScorer, aggregate, score_tree_leaves
@@ -75,7 +75,7 @@ def main() -> None:
     problems = load_problems("arith", "test", limit=args.problems)
     template = PromptTemplate(style="bare")
     scorers = {"prm": DiscriminativePRM(prm_path), "checker": ArithCheckerScorer()}
-    result: dict = {"problems": len(problems), "prm_path": prm_path, "max_tokens": args.max_tokens, "rows": []}
+    result: dict = {"start_policy": policy_build(), "problems": len(problems), "prm_path": prm_path, "max_tokens": args.max_tokens, "rows": []}
     rows = result["rows"]
 
     with Grader() as grader, VLLMEngine(tiny_policy()) as engine:

@@ -101,7 +101,7 @@ def main() -> None:
     a = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
+    from treetune.data.arith import policy_build, tiny_policy
     from treetune.data.step_pairs import StepPair, dpo_prompt, load_step_pairs, write_step_pairs
     from treetune.rewards.grading import Grader
     from treetune.rollouts.engines import VLLMEngine
@@ -114,7 +114,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     policy = tiny_policy()
     template = PromptTemplate(style="bare")
-    result: dict = {"settings": vars(a)}
+    result: dict = {"settings": vars(a), "start_policy": policy_build(policy)}
 
     data_args = StepDPODataArgs(output_dir=str(work / "pairs"), limit=a.train_problems, max_tokens=128,
                                 verify_chosen=a.verify_chosen)

@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from treetune.data import PromptTemplate, load_problems
-    from treetune.data.arith import tiny_policy
+    from treetune.data.arith import policy_build, tiny_policy
     from treetune.rewards.evaluation.best_of_n import evaluate_leaves, problem_trees, sample_graded, write_report
     from treetune.rewards.evaluation.processbench import arith_cases, evaluate_splits, sample_arith_trees
     from treetune.rewards.grading import Grader
@@ -38,7 +38,7 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="think_prm_arith_"))
     work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"verifier": args.verifier, "eval_problems": args.eval_problems, "bon_problems": args.bon_problems}
+    result: dict = {"start_policy": policy_build(), "verifier": args.verifier, "eval_problems": args.eval_problems, "bon_problems": args.bon_problems}
     thresholds = [round(0.05 * i, 2) for i in range(1, 20)]
 
     eval_trees = sample_arith_trees(args.eval_problems, seed=1)

@@ -31,3 +31,22 @@ def engine(tiny_policy_path):
 
     with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The real-model ground: SmolLM2-135M-Instruct as a safetensors checkpoint, converted once."""
+    from treetune.data.pretrained import smollm2
+
+    return smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path):
+    """SmolLM2 in vLLM, built as every job builds its engine, shared by the real-model test files
+    (an engine start is tens of seconds on a CPU)."""
+    from treetune.rollouts.run import EngineArgs, make_engine
+
+    engine = make_engine(EngineArgs(model_name_or_path=smollm2_path, kv_cache_gb=0.5))
+    yield engine
+    engine.close()

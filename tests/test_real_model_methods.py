@@ -23,7 +23,7 @@ import pytest
 import torch
 from treetune.data import DEFAULT_INSTRUCTION, DataError, load_problems
 from treetune.data.bvpo_pairs import BVPOPair, load_bvpo_pairs, write_bvpo_pairs
-from treetune.data.pretrained import qwen_tokenizer, random_qwen, smollm2
+from treetune.data.pretrained import qwen_tokenizer, random_qwen
 from treetune.data.step_pairs import load_step_pairs
 from treetune.launch import bvpo, bvpo_data, mcts_dpo, qtuning_sft
 from treetune.rollouts.engines import VLLMEngine
@@ -40,11 +40,6 @@ from treetune.trainers.qtuning.trainer import QTuningTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 IM_END = "<|im_end|>"
-
-
-@pytest.fixture(scope="module")
-def smollm2_path() -> str:
-    return smollm2()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from treetune.data import PromptTemplate, load_problems
 from treetune.data.answers import extract_answer
 from treetune.data.arith import check_solution, tiny_policy
-from treetune.data.pretrained import qwen_tokenizer, smollm2
+from treetune.data.pretrained import qwen_tokenizer
 from treetune.data.steps import split_steps, step_ends
 from treetune.launch import best_of_n, eval_prm, grounded_prm_data, prm_labels, rollout, think_prm_data
 from treetune.rewards.grading import Grader, grade_many
@@ -27,7 +27,7 @@ from treetune.rewards.scorers import RENAMED_FIELDS
 from treetune.rewards.scorers.think_prm import solution_lines
 from treetune.rollouts.engines import GenerationRequest, SamplingSettings
 from treetune.rollouts.engines.base import TORN, continuation_text
-from treetune.rollouts.run import EngineArgs, RolloutArgs, make_engine
+from treetune.rollouts.run import EngineArgs, RolloutArgs
 from treetune.rollouts.tree import ReasoningTree
 from treetune.rollouts.tree_io import read_trees
 from treetune.trainers.common import parse_config
@@ -43,16 +43,14 @@ def parse(args_type, argv: list[str], renamed=None):
 
 
 @pytest.fixture(scope="module")
-def model() -> str:
-    return smollm2()
+def model(smollm2_path) -> str:
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")
-def engine(model):
-    """SmolLM2 in vLLM, built the way every job builds its engine, shared by the whole module."""
-    engine = make_engine(EngineArgs(model_name_or_path=model, kv_cache_gb=0.5))
-    yield engine
-    engine.close()
+def engine(smollm2_engine):
+    """SmolLM2 in vLLM: the session's one engine (tests/conftest.py)."""
+    return smollm2_engine
 
 
 @pytest.fixture(scope="module")

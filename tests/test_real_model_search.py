@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 
 import pytest
-from treetune.data.pretrained import qwen_tokenizer, smollm2
+from treetune.data.pretrained import qwen_tokenizer
 from treetune.data.steps import split_steps
 from treetune.launch import rollout
 from treetune.rewards.scorers import RENAMED_FIELDS
 from treetune.rollouts.engines import RequestResult
 from treetune.rollouts.engines.base import TORN, Completion, continuation_text
-from treetune.rollouts.run import EngineArgs, RolloutArgs, make_engine
+from treetune.rollouts.run import RolloutArgs
 from treetune.rollouts.step_search import StepSettings, add_steps, path_steps, step_request, whole_token_step
 from treetune.rollouts.tree import ReasoningTree
 from treetune.rollouts.tree_io import read_trees
@@ -148,16 +148,14 @@ def test_add_steps_prompts_the_next_step_where_the_text_ends(qwen):
 # -- slow: SmolLM2 in vLLM, and its beam search as a user runs it -----------------------------------
 
 @pytest.fixture(scope="module")
-def model() -> str:
-    return smollm2()
+def model(smollm2_path) -> str:
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")
-def engine(model):
-    """SmolLM2 in vLLM, built as every job builds its engine; one start for the module."""
-    engine = make_engine(EngineArgs(model_name_or_path=model, kv_cache_gb=0.5))
-    yield engine
-    engine.close()
+def engine(smollm2_engine):
+    """SmolLM2 in vLLM: the session's one engine (tests/conftest.py)."""
+    return smollm2_engine
 
 
 @pytest.mark.slow

@@ -29,13 +29,6 @@ LN2 = math.log(2)
 
 
 @pytest.fixture(scope="session")
-def smollm2_path() -> str:
-    from treetune.data.pretrained import smollm2
-
-    return smollm2()
-
-
-@pytest.fixture(scope="session")
 def smol_tokenizer(smollm2_path):
     return load_tokenizer(smollm2_path)
 

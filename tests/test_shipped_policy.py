@@ -32,3 +32,13 @@ def test_a_changed_recipe_or_a_rebuild_request_leaves_the_shipped_policy(monkeyp
         target.mkdir()
         (target / "config.json").write_text("{}")
     assert tiny_policy() == str(target)
+
+
+def test_benchmarks_name_the_build_they_start_from(monkeypatch, tmp_path):
+    monkeypatch.delenv(policies.REBUILD_ENV, raising=False)
+    shipped = policies.policy_build()
+    assert shipped["shipped"] and shipped["build"] == policy_key()
+    assert shipped["greedy_accuracy_test_500"] == json.loads((policies.SHIPPED / "build.json").read_text())["greedy_accuracy_test_500"]
+    local = tmp_path / f"tiny-policy-{policy_key()}"
+    local.mkdir()
+    assert policies.policy_build(local) == {"path": str(local), "shipped": False, "build": local.name}

@@ -7,6 +7,7 @@ from treetune.data.arith.policies import (
                                           cache_root,
                                           dual_mode_policy,
                                           dual_mode_records,
+                                          policy_build,
                                           policy_key,
                                           tiny_policy,
 )
@@ -26,5 +27,5 @@ from treetune.data.arith.problems import (
 __all__ = [
     "DEFAULT_SIZES", "EQUATION", "ERROR_KINDS", "GENERATOR_VERSION", "SPLITS", "ArithSpec", "apply_op", "arith_problems", "build_cached",
     "cache_root", "check_solution", "dual_mode_policy", "dual_mode_records", "error_kind_counts",
-    "first_error_kind", "gold_solution", "make_problem", "policy_key", "problem_ops", "split_of", "tiny_policy",
+    "first_error_kind", "gold_solution", "make_problem", "policy_build", "policy_key", "problem_ops", "split_of", "tiny_policy",
 ]

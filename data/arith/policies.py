@@ -121,6 +121,19 @@ def tiny_policy(cache_dir: str | Path | None = None, quiet: bool = False, rebuil
                         lambda staging: ["--config", str(recipe_path()), "--output_dir", str(staging)], quiet)
 
 
+def policy_build(path: str | Path | None = None) -> dict:
+    """Which build of a tiny policy `path` is (default: the one `tiny_policy()` returns), so a
+    benchmark names the start it measured from: the shipped build's recipe key and its measured
+    greedy accuracy, or the cache folder (named by its recipe key) of a build made on this machine."""
+    path = Path(path or tiny_policy(quiet=True))
+    info = path / "build.json"
+    if not info.exists():
+        return {"path": str(path), "shipped": False, "build": path.name}
+    built = json.loads(info.read_text())
+    return {"path": str(path), "shipped": path.resolve() == SHIPPED.resolve(), "build": built.get("policy_key"),
+            "greedy_accuracy_test_500": built.get("greedy_accuracy_test_500")}
+
+
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja")
 
