@@ -147,23 +147,13 @@ def test_add_steps_prompts_the_next_step_where_the_text_ends(qwen):
 
 # -- slow: SmolLM2 in vLLM, and its beam search as a user runs it -----------------------------------
 
-@pytest.fixture(scope="module")
-def model(smollm2_path) -> str:
-    return smollm2_path
-
-
-@pytest.fixture(scope="module")
-def engine(smollm2_engine):
-    """SmolLM2 in vLLM: the session's one engine (tests/conftest.py)."""
-    return smollm2_engine
-
-
 @pytest.mark.slow
-def test_vllm_returns_a_blank_line_token_past_the_line_delimiter(engine):
+def test_vllm_returns_a_blank_line_token_past_the_line_delimiter(smollm2_engine):
     """The engine itself: after "Let's solve this step by step:" SmolLM2 writes "\n" or the one token
     "\n\n" about equally often (measured: 0.36 and 0.34). vLLM stopped at "\n" cuts the text after the
     first newline but returns the whole "\n\n" token; the step keeps both newlines, and the next
     step is prompted right after them. 16 seeded samples: all "\n" would have a chance near 0.1%."""
+    engine = smollm2_engine  # the session's one SmolLM2 engine (tests/conftest.py)
     tokenizer = engine.tokenizer
     question = "Tom has 3 apples and buys 4 more, then eats 2. How many are left?"
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
@@ -205,7 +195,8 @@ def check_search_tree(tree: ReasoningTree, tokenizer, delimiter: str) -> int:
 
 
 @pytest.mark.slow
-def test_beam_search_on_smollm2_keeps_text_and_tokens_together(model, engine, shared_data, tmp_path):
+def test_beam_search_on_smollm2_keeps_text_and_tokens_together(smollm2_path, smollm2_engine, shared_data, tmp_path):
+    model, engine = smollm2_path, smollm2_engine
     argv = ["--config", str(ROOT / "configs/rollout/beam.yaml"), "--model_name_or_path", model, "--source", "gsm8k",
             "--data_path", str(shared_data / "gsm8k/test.jsonl"), "--limit", "2", "--trajectories", "4",
             "--search_width", "2", "--scorer", "self_eval", "--step_mode", "line", "--step_tokens", "24",
