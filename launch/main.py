@@ -3,10 +3,12 @@
     python launch/main.py --config configs/main/arith.yaml [--field value ...]
 
 policy (the arith tiny policy, built on first use) -> evaluation before (greedy, best-of-N) ->
-TreePO trees on training problems -> PRM labels (Monte Carlo, consensus with the checker) and the
-fused PRM (separator head + the backbone's likelihood of each step) -> Step-DPO pairs from the
-trees -> Step-DPO -> evaluation after -> report (best-of-N with the PRM, and its F1 against the
-exact checker on the evaluation's samples).
+TreePO trees on training problems -> PRM labels (Monte Carlo, consensus with the checker) ->
+online RL from the same starting policy (TreePO: segment trees, subgroup advantages, the engine
+synced every step) and its evaluation -> the fused PRM (separator head + the backbone's likelihood
+of each step) -> Step-DPO pairs from the trees -> Step-DPO -> evaluation after -> report (the
+offline and the online arm side by side, best-of-N with the PRM, and its F1 against the exact
+checker on the evaluations' samples).
 Writes to --output_dir one folder per stage and `report/report.md` (the before/after table,
 TreePO's token savings, `report/accuracy_vs_n.png`, every artefact and the command that reruns
 its stage alone). Run it again on the same folder to resume at the stage it stopped in.
@@ -35,10 +37,13 @@ from treetune.rewards.labels.formats import read_stepwise
 from treetune.rewards.outcome import score_outcomes
 from treetune.rewards.scorers import load_scorer
 from treetune.rollouts.run import RolloutArgs, default_prompt_style, make_engine, run_rollout
-from treetune.trainers.common import METRICS_FILE, load_tokenizer, parse_config, setup_logging
+from treetune.data.arith.policies import recipe_path
+from treetune.trainers.common import METRICS_FILE, load_tokenizer, parse_config, parse_recipe, setup_logging
 from treetune.trainers.prm.fusion import split_holdout
 from treetune.trainers.prm.trainer import main as train_prm
 from treetune.trainers.step_dpo.trainer import main as step_dpo
+from treetune.trainers.treepo.config import TreePOConfig, TreePOScriptArguments
+from treetune.trainers.treepo.loop import run_treepo
 
 
 @dataclass
@@ -96,9 +101,20 @@ class MainArgs:
     dpo_learning_rate: float = field(default=5e-6, metadata={"help": "Step-DPO's learning rate."})
     dpo_epochs: float = field(default=1.0, metadata={"help": "Step-DPO's epochs over the pairs."})
     dpo_batch_size: int = field(default=16, metadata={"help": "Step-DPO pairs per device and optimizer step."})
+    # the online arm: TreePO RL (configs/treepo/arith.yaml) from the same starting policy
+    rl_steps: int = field(default=40, metadata={
+        "help": "Optimizer steps of the online arm (TreePO RL with configs/treepo/arith.yaml: 16 trees of 8 leaves a "
+                "step, subgroup advantages), from the starting policy, evaluated like the Step-DPO arm; 0: no online arm."})
+    rl_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the online arm."})
+    rl_sampler: str = field(default="treepo", metadata={
+        "help": "How the online arm grows rollouts: treepo (segment trees) or flat (plain GRPO sampling)."})
+    rl_advantage: str = field(default="subgroup", metadata={
+        "help": "The online arm's advantages: subgroup (TreePO), grpo (group baseline) or segment."})
 
 
-STAGES = ("policy", "eval_before", "trees", "prm_labels", "prm", "pairs", "step_dpo", "eval_after", "report")
+STAGES = ("policy", "eval_before", "trees", "prm_labels", "treepo", "eval_treepo", "prm", "pairs", "step_dpo",
+          "eval_after", "report")
+RL_RECIPE = "treepo/arith.yaml"
 
 
 def command(script: str, args) -> str:
@@ -317,17 +333,57 @@ def _step_dpo(p: Pipeline) -> dict:
             "pair_tokens_per_second": metrics["pair_tokens_per_second"], "loss_history": metrics["loss_history"]}
 
 
+def _rl_argv(p: Pipeline) -> list[str]:
+    a = p.args
+    return ["--config", str(recipe_path(RL_RECIPE)), "--output_dir", str(p.dir("treepo") / "model"),
+            "--model_name_or_path", p.state["policy"]["model"], "--prompt_style", _style(p),
+            "--max_steps", str(a.rl_steps), "--learning_rate", str(a.rl_learning_rate), "--sampler", a.rl_sampler,
+            "--advantage", a.rl_advantage, "--max_completion_length", str(a.max_tokens), "--seed", str(a.seed),
+            "--eval_problems", "0", "--report_to", a.report_to, "--disable_tqdm", "false"]
+
+
+def _treepo(p: Pipeline) -> dict:
+    """Online RL from the starting policy (`launch/treepo.py`): trees grown by the shared engine, which
+    takes the trainer's weights before every generation; evaluated by the next stage."""
+    if p.args.rl_steps <= 0:
+        return {"skipped": True, "why": "--rl_steps 0"}
+    from trl import ModelConfig
+
+    argv = _rl_argv(p)
+    args, config, model_args = parse_recipe((TreePOScriptArguments, TreePOConfig, ModelConfig), argv)
+    metrics = run_treepo(args, config, model_args, engine=p.policy_engine())
+    rewards = [h["reward"] for h in metrics["history"] if "reward" in h]
+    return {"command": argv_command("launch/treepo.py", argv), "model": config.output_dir, "steps": metrics["steps"],
+            "sampler": metrics["sampler"], "advantage": metrics["advantage"],
+            "reward_first_steps": sum(rewards[:5]) / max(len(rewards[:5]), 1),
+            "reward_last_steps": sum(rewards[-5:]) / max(len(rewards[-5:]), 1),
+            **{k: metrics[k] for k in ("trees", "trajectories", "decoded_tokens", "decoded_share_of_rows",
+                                       "trajectories_per_rollout_second", "rollout_seconds", "sync_seconds",
+                                       "sync_share_of_step_time", "seconds_per_step", "train_seconds")}}
+
+
+def _eval_treepo(p: Pipeline) -> dict:
+    """The online arm's policy, evaluated as the Step-DPO arm is (on the shared engine, given its weights)."""
+    if p.state["treepo"].get("skipped"):
+        return {"skipped": True, "why": p.state["treepo"]["why"]}
+    model = p.state["treepo"]["model"]
+    engine = p.policy_engine()
+    engine.update_weights(folder=model)  # resumed here, the engine serves the start policy
+    return _evaluate(p, "eval_treepo", model, engine)
+
+
 def _report(p: Pipeline) -> dict:
     """The before/after report (`report/report.md`)."""
     return write_report(p)
 
 
 # the stages that sample the starting policy, in order: they share one engine (Pipeline.policy_engine)
-POLICY_SAMPLING_STAGES = ("eval_before", "trees", "prm_labels")
+POLICY_SAMPLING_STAGES = ("eval_before", "trees", "prm_labels", "treepo", "eval_treepo")
 
 STAGE_FUNCTIONS: dict[str, Callable[[Pipeline], dict]] = {
     "policy": _policy, "eval_before": _eval_before, "trees": _trees, "prm_labels": _prm_labels, "prm": _prm,
-    "pairs": _pairs, "step_dpo": _step_dpo, "eval_after": _eval_after, "report": _report,
+    "treepo": _treepo, "eval_treepo": _eval_treepo, "pairs": _pairs, "step_dpo": _step_dpo,
+    "eval_after": _eval_after, "report": _report,
 }
 
 

@@ -1,6 +1,7 @@
 """The main job's report: the before/after table (greedy, best-of-N with the PRM, and the PRM's F1
-against the exact arith checker), which PRM it is, TreePO's token savings, the accuracy-vs-N plot
-before and after, and where every artefact lies (with the command that reruns each stage)."""
+against the exact arith checker) with one column per arm (Step-DPO offline, TreePO RL online),
+which PRM it is, TreePO's token savings, the online arm's run, the accuracy-vs-N plot before and
+after, and where every artefact lies (with the command that reruns each stage)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,12 @@ def _curve(metrics: dict, name: str) -> list[float]:
     return [metrics["selectors"][name][str(n)]["accuracy"] for n in metrics["n_values"]]
 
 
-def plot_before_after(before: dict, after: dict, path: Path, title: str) -> None:
+ARM_STYLES = ("--", "-", ":")  # before, then the arms
+
+
+def plot_before_after(before: dict, arms: Sequence[tuple[str, dict]], path: Path, title: str) -> None:
+    """Accuracy against N: one colour per selector, one line style per policy (before, then each
+    arm's (label, best-of-N metrics))."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +71,9 @@ def plot_before_after(before: dict, after: dict, path: Path, title: str) -> None
     for i, (name, label) in enumerate(PLOTTED):
         color = f"C{i}"
         ax.plot(before["n_values"], _curve(before, name), color=color, linestyle="--", marker="o", alpha=0.6, label=f"{label}, before")
-        ax.plot(after["n_values"], _curve(after, name), color=color, linestyle="-", marker="o", label=f"{label}, after")
+        for j, (arm, metrics) in enumerate(arms):
+            ax.plot(metrics["n_values"], _curve(metrics, name), color=color, linestyle=ARM_STYLES[1 + j % 2],
+                    marker="os"[j % 2], label=f"{label}, {arm}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(before["n_values"], [str(n) for n in before["n_values"]])
     ax.set_xlabel("N (samples per problem)")
@@ -79,12 +87,27 @@ def plot_before_after(before: dict, after: dict, path: Path, title: str) -> None
     plt.close(fig)
 
 
-def _row(label: str, before: float, after: float) -> str:
-    return f"| {label} | {before:.1%} | {after:.1%} | {100 * (after - before):+.1f} |"
+def _row(label: str, values: Sequence[float]) -> str:
+    """before, then each arm's value and its change in points."""
+    cells = [f"{values[0]:.1%}"] + [f"{v:.1%} ({100 * (v - values[0]):+.1f})" for v in values[1:]]
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def _f1_row(label: str, before: float, after: float) -> str:
-    return f"| {label} | {before:.3f} | {after:.3f} | {after - before:+.3f} (F1) |"
+def _f1_row(label: str, values: Sequence[float]) -> str:
+    cells = [f"{values[0]:.3f}"] + [f"{v:.3f} ({v - values[0]:+.3f})" for v in values[1:]]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def describe_rl(record: dict, greedy: tuple[float, float]) -> str:
+    """One paragraph on the online arm's run: what it trained, what it decoded, where its time went."""
+    return (f"{record['steps']} optimizer steps of online RL ({record['sampler']} rollouts, {record['advantage']} "
+            f"advantages) from the starting policy: {record['trees']} trees, {record['trajectories']} trajectories; "
+            f"decoded {record['decoded_tokens']:,} tokens, {record['decoded_share_of_rows']:.1%} of what flat sampling "
+            f"of the same rows decodes; {record['trajectories_per_rollout_second']:.0f} trajectories per rollout second. "
+            f"Mean reward {record['reward_first_steps']:.3f} over the first five steps, "
+            f"{record['reward_last_steps']:.3f} over the last five; greedy {greedy[0]:.1%} -> {greedy[1]:.1%}. "
+            f"{record['seconds_per_step']:.1f} s a step, {record['sync_share_of_step_time']:.1%} of it weight sync "
+            f"({record['train_seconds'] / 60:.1f} min of training in all).")
 
 
 def describe_prm(record: dict) -> str:
@@ -108,52 +131,76 @@ def describe_prm(record: dict) -> str:
     return text
 
 
+def _arms(state: dict) -> list[tuple[str, str]]:
+    """(key, column label) of the arms that ran: `after` (Step-DPO), and `treepo` (online RL) unless skipped."""
+    arms = [("after", "after Step-DPO")]
+    if state.get("eval_treepo") and not state["eval_treepo"].get("skipped"):
+        arms.append(("treepo", "after TreePO RL"))
+    return arms
+
+
 def write_report(pipeline) -> dict:
     """Write report/report.md, report/report.json and report/accuracy_vs_n.png; return the figures."""
     state, a = pipeline.state, pipeline.args
     out = pipeline.dir("report")
-    before, after = score_with_prm(pipeline, "before"), score_with_prm(pipeline, "after")
+    arms = _arms(state)
+    keys = ["before"] + [key for key, _ in arms]
+    scored = {key: score_with_prm(pipeline, key) for key in keys}
     prm = state["prm"]
     scorer = load_scorer(prm["model"], "treetune", step_mode="line")
-    f1 = {which: prm_f1_on_samples(scorer, state[f"eval_{which}"]["trees"], prm.get("threshold", 0.5)) for which in ("before", "after")}
+    f1 = {key: prm_f1_on_samples(scorer, state[f"eval_{key}"]["trees"], prm.get("threshold", 0.5)) for key in keys}
+    before = scored["before"]
     n = str(before["n_values"][-1])
+
+    def column(read) -> tuple[float, ...]:
+        return tuple(read(key) for key in keys)
+
+    def selector(name):
+        return column(lambda key: scored[key]["selectors"][name][n]["accuracy"])
+
     table = {
-        "greedy": (state["eval_before"]["greedy"], state["eval_after"]["greedy"]),
-        f"majority@{n}": (before["selectors"]["majority"][n]["accuracy"], after["selectors"]["majority"][n]["accuracy"]),
-        f"pass@{n}": (before["pass_at_k"][n], after["pass_at_k"][n]),
-        f"PRM best-of-{n} (min step)": (before["selectors"]["prm_min"][n]["accuracy"], after["selectors"]["prm_min"][n]["accuracy"]),
-        f"PRM best-of-{n} (last step)": (before["selectors"]["prm_last"][n]["accuracy"], after["selectors"]["prm_last"][n]["accuracy"]),
-        f"PRM-weighted majority@{n} (min step)": (before["selectors"]["weighted_prm_min"][n]["accuracy"],
-                                                  after["selectors"]["weighted_prm_min"][n]["accuracy"]),
-        f"PRM-weighted majority@{n} (last step)": (before["selectors"]["weighted_prm_last"][n]["accuracy"],
-                                                   after["selectors"]["weighted_prm_last"][n]["accuracy"]),
+        "greedy": column(lambda key: state[f"eval_{key}"]["greedy"]),
+        f"majority@{n}": selector("majority"),
+        f"pass@{n}": column(lambda key: scored[key]["pass_at_k"][n]),
+        f"PRM best-of-{n} (min step)": selector("prm_min"),
+        f"PRM best-of-{n} (last step)": selector("prm_last"),
+        f"PRM-weighted majority@{n} (min step)": selector("weighted_prm_min"),
+        f"PRM-weighted majority@{n} (last step)": selector("weighted_prm_last"),
     }
     f1_label = f"PRM F1 against the exact checker (threshold {prm.get('threshold', 0.5):g})"
     plot = out / "accuracy_vs_n.png"
-    plot_before_after(before, after, plot, f"arith test, {a.bon_problems} problems: before and after Step-DPO")
+    plot_before_after(before, [(label, scored[key]) for key, label in arms], plot,
+                      f"arith test, {a.bon_problems} problems: before and after each arm")
     trees = state["trees"]
-    solutions = {which: f1[which]["erroneous"] + f1[which]["correct"] for which in f1}
+    solutions = f1["before"]["erroneous"] + f1["before"]["correct"]
+    online = ("and, from the same start, online TreePO RL" if len(arms) > 1 else "")
     lines = [
         "# treetune main job: report", "",
-        f"Policy `{state['policy']['model']}`, trained with Step-DPO on pairs from TreePO trees. "
+        f"Policy `{state['policy']['model']}`, trained offline with Step-DPO on pairs from TreePO trees {online}. "
         f"Greedy on {a.eval_problems} arith test problems; best-of-N on the first {a.bon_problems}, N up to {n} "
         f"(temperature 1, {before.get('subsamples', '')} subsamples per N below the maximum). "
-        f"The PRM rows use {PRM_KINDS[prm.get('kind', 'head')]}; its recipe is under *PRM and pairs*.", "",
-        "| metric | before | after | change (points) |", "|---|---|---|---|",
-        *[_row(label, b, f) for label, (b, f) in table.items()],
-        _f1_row(f1_label, f1["before"]["f1"], f1["after"]["f1"]), "",
-        f"The F1 row scores every step of the best-of-N samples ({solutions['before']} solutions before, "
-        f"{solutions['after']} after) against the exact arith checker, ProcessBench's way: a solution's predicted "
-        f"first error is its first step scoring below the threshold. Before: acc_err {f1['before']['acc_err']:.3f} "
-        f"({f1['before']['erroneous']} wrong solutions), acc_corr {f1['before']['acc_corr']:.3f} "
-        f"({f1['before']['correct']} right); the best threshold on these samples themselves would be "
-        f"{f1['before']['best_threshold_on_these_samples']:g} (F1 {f1['before']['f1_at_that_best']:.3f}).", "",
+        f"The PRM rows use {PRM_KINDS[prm.get('kind', 'head')]}; its recipe is under *PRM and pairs*. "
+        "Each arm's cell gives its change over *before* in points.", "",
+        "| metric | before | " + " | ".join(label for _, label in arms) + " |", "|---" * (2 + len(arms)) + "|",
+        *[_row(label, values) for label, values in table.items()],
+        _f1_row(f1_label, column(lambda key: f1[key]["f1"])), "",
+        f"The F1 row scores every step of the best-of-N samples ({solutions} solutions before) against the exact "
+        f"arith checker, ProcessBench's way: a solution's predicted first error is its first step scoring below the "
+        f"threshold. Before: acc_err {f1['before']['acc_err']:.3f} ({f1['before']['erroneous']} wrong solutions), "
+        f"acc_corr {f1['before']['acc_corr']:.3f} ({f1['before']['correct']} right); the best threshold on these "
+        f"samples themselves would be {f1['before']['best_threshold_on_these_samples']:g} "
+        f"(F1 {f1['before']['f1_at_that_best']:.3f}).", "",
         f"![accuracy against N, before and after]({plot.name})", "",
         "## TreePO trees", "",
         f"{trees['problems']} training problems, {trees['trajectories']} trajectories; decoded "
         f"{trees['decoded_tokens']:,} tokens where flat sampling of the same trajectories decodes "
         f"{trees['flat_equivalent_tokens']:,}: **{trees['tokens_saved_share']:.1%} saved** by shared prefixes. "
         f"Trajectory accuracy {trees['trajectory_accuracy']:.1%}, problems with a correct trajectory {trees['pass_at_all']:.1%}.", "",
+    ]
+    if len(arms) > 1:
+        lines += ["## Online arm: TreePO RL", "",
+                  describe_rl(state["treepo"], (state["eval_before"]["greedy"], state["eval_treepo"]["greedy"])), ""]
+    lines += [
         "## PRM and pairs", "",
         describe_prm(prm), "",
         f"PRM labels: {state['prm_labels']['solutions']} solutions from {state['prm_labels']['trees']} trees, "
@@ -167,16 +214,19 @@ def write_report(pipeline) -> dict:
     ]
     for stage, record in state.items():
         where = next((record[k] for k in ("labels_file", "pairs_file", "trees", "model") if k in record), str(pipeline.dir(stage)))
-        lines.append(f"| {stage} | `{where}` | {record.get('seconds', '')} | `{record.get('command', '')}` |")
+        lines.append(f"| {stage} | `{where}` | {record.get('seconds', '')} | `{record.get('command', record.get('why', ''))}` |")
     lines.append(f"| report | `{out}` | | (this stage) |")
     total = sum(record.get("seconds", 0.0) for record in state.values())
     lines += ["", f"Stage time so far: {total / 60:.1f} minutes (the report's own scoring comes on top)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    figures = {"table": {k: {"before": b, "after": f} for k, (b, f) in table.items()},
+    figures = {"table": {k: dict(zip(keys, values)) for k, values in table.items()},
+               "arms": {key: label for key, label in arms},
                "prm": {"kind": prm.get("kind", "head"), "description": PRM_KINDS[prm.get("kind", "head")],
                        "threshold": prm.get("threshold", 0.5), "f1_against_checker": f1, "held_out": prm.get("held_out")},
                "tokens_saved_share": trees["tokens_saved_share"], "stage_seconds": {k: v.get("seconds") for k, v in state.items()},
                "report": str(out / "report.md"), "plot": str(plot)}
-    figures["table"][f1_label] = {"before": f1["before"]["f1"], "after": f1["after"]["f1"]}
+    if len(arms) > 1:
+        figures["online"] = {k: v for k, v in state["treepo"].items() if k != "command"}
+    figures["table"][f1_label] = dict(zip(keys, column(lambda key: f1[key]["f1"])))
     (out / "report.json").write_text(json.dumps(figures, indent=2))
     return figures

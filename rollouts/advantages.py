@@ -5,7 +5,11 @@
   of one are skipped below the root. Then whitened over the batch, by default per token (each
   trajectory's advantage counted once per response token, as TreePO's masked whitening does).
 - `segment_advantages`: a node's value is the mean reward of the finished leaves below it; a
-  segment's advantage is its value minus its parent's value.
+  segment's advantage is its value minus its parent's value. `leaf_token_advantages` spreads them
+  over a leaf's path tokens, the (B, T) form a trainer feeds its loss.
+- `whiten_stats` / `whiten`: weighted whitening split into sums a trainer can all-reduce across
+  ranks before whitening each rank's slice (`subgroup_advantages` uses the same pair).
+- `zero_variance`: whether a tree's finished leaves all scored the same (no learning signal).
 
 Rewards are read from `leaf.scores[reward_key]`; a finished leaf without it is an error.
 """
@@ -66,13 +70,51 @@ def subgroup_advantages(trees: Sequence[ReasoningTree], reward_key: str = "outco
         for leaf_id, value in advantages.items():
             values.append(value)
             weights.append(len(tree.path_token_ids(leaf_id)) if whiten == "token" else 1)
-    total = sum(weights)
-    if total == 0:
+    sums = whiten_stats(values, weights)
+    if sums[0] <= 0:
         return raw
-    mean = sum(v * w for v, w in zip(values, weights)) / total
-    var = sum(w * (v - mean) ** 2 for v, w in zip(values, weights)) / total
-    scale = 1.0 / math.sqrt(var + 1e-8)
-    return [{leaf: (v - mean) * scale for leaf, v in advantages.items()} for advantages in raw]
+    return [dict(zip(advantages, _whiten(list(advantages.values()), *sums))) for advantages in raw]
+
+
+def whiten_stats(values: Sequence[float], weights: Sequence[float] | None = None) -> tuple[float, float, float]:
+    """(Σw, Σw·v, Σw·v²) over `values` (weights default to 1 each).
+
+    Sums from several ranks (or batch slices) add up: all-reduce them, then `whiten` each slice with
+    the totals. For TreePO's token whitening give a trajectory-level advantage its response length as
+    weight, or give per-token values weight 1.
+    """
+    if weights is None:
+        weights = [1.0] * len(values)
+    elif len(weights) != len(values):
+        raise ValueError(f"{len(values)} values but {len(weights)} weights")
+    sum_w = sum_wv = sum_wv2 = 0.0
+    for v, w in zip(values, weights):
+        v, w = float(v), float(w)
+        sum_w += w
+        sum_wv += w * v
+        sum_wv2 += w * v * v
+    return sum_w, sum_wv, sum_wv2
+
+
+def whiten(values: Sequence[float], sum_w: float, sum_wv: float, sum_wv2: float,
+           eps: float = 1e-8) -> list[float]:
+    """(v - mean) / sqrt(var + eps), with the weighted mean and (biased) variance taken from the sums
+    of `whiten_stats`. Values are returned as they are when the total weight is 0."""
+    if sum_w <= 0:
+        return [float(v) for v in values]
+    mean = sum_wv / sum_w
+    var = max(sum_wv2 / sum_w - mean * mean, 0.0)  # E[v²] - E[v]², clipped against rounding
+    scale = 1.0 / math.sqrt(var + eps)
+    return [(float(v) - mean) * scale for v in values]
+
+
+_whiten = whiten  # `subgroup_advantages` has an argument of that name
+
+
+def zero_variance(tree: ReasoningTree, reward_key: str = "outcome") -> bool:
+    """True when all finished leaves have the same reward (also when there are none): every
+    advantage of the tree is then 0 before whitening."""
+    return len({_reward(tree, leaf.id, reward_key) for leaf in tree.leaves()}) <= 1
 
 
 def segment_values(tree: ReasoningTree, reward_key: str = "outcome") -> dict[int, float]:
@@ -90,3 +132,12 @@ def segment_advantages(tree: ReasoningTree, reward_key: str = "outcome") -> dict
     values = segment_values(tree, reward_key)
     return {node.id: values[node.id] - values[node.parent]
             for node in tree.nodes[1:] if node.id in values and node.parent in values}
+
+
+def leaf_token_advantages(tree: ReasoningTree, leaf_id: int, node_advantages: dict[int, float]) -> list[float]:
+    """One value per token of the leaf's path: each token takes the advantage of the node that added
+    it (0.0 for nodes without one), the per-token (B, T) form of `segment_advantages`."""
+    out: list[float] = []
+    for node in tree.path(leaf_id):
+        out += [float(node_advantages.get(node.id, 0.0))] * len(node.token_ids)
+    return out

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # 10 trees x 8 trajectories give ~40 consensus-labelled solutions; 30% of them held out leave the
 # fusion fit some dozens of steps with both labels.
 SMALL = ["--eval_problems", "12", "--bon_problems", "6", "--n", "4", "--train_problems", "10", "--trajectories", "8",
-         "--prm_trees", "10", "--prm_k", "2", "--prm_epochs", "1", "--prm_fusion_holdout", "0.3"]
+         "--prm_trees", "10", "--prm_k", "2", "--prm_epochs", "1", "--prm_fusion_holdout", "0.3", "--rl_steps", "2"]
 
 
 def run_main(out: Path) -> subprocess.CompletedProcess:
@@ -63,7 +63,8 @@ def test_the_report_names_the_prm():
 def test_every_stage_leaves_its_output(finished: Path):
     from treetune.rollouts.tree_io import read_trees
 
-    for stage in ("policy", "eval_before", "trees", "prm_labels", "prm", "pairs", "step_dpo", "eval_after", "report"):
+    for stage in ("policy", "eval_before", "trees", "prm_labels", "treepo", "eval_treepo", "prm", "pairs", "step_dpo",
+                  "eval_after", "report"):
         assert (finished / stage / "stage.json").exists(), stage
     greedy = json.loads((finished / "eval_before" / "greedy_metrics.json").read_text())
     assert greedy["problems"] == 12
@@ -79,6 +80,26 @@ def test_every_stage_leaves_its_output(finished: Path):
     assert (finished / "step_dpo" / "model" / "model.safetensors").exists()
     after = json.loads((finished / "eval_after" / "stage.json").read_text())
     assert after["model"] == str(finished / "step_dpo" / "model")
+
+
+@pytest.mark.slow
+def test_the_online_arm_trains_and_is_evaluated_like_the_offline_one(finished: Path):
+    from transformers import AutoModelForCausalLM
+
+    rl = json.loads((finished / "treepo" / "stage.json").read_text())
+    assert rl["steps"] == 2 and rl["sampler"] == "treepo" and rl["advantage"] == "subgroup"
+    assert rl["trees"] == 2 * 16 and rl["trajectories"] == 2 * 16 * 8  # 16 trees of 8 leaves a step
+    assert 0 < rl["decoded_share_of_rows"] < 1  # shared prefixes decoded once
+    assert "launch/treepo.py" in rl["command"] and "--max_steps 2" in rl["command"]
+    AutoModelForCausalLM.from_pretrained(rl["model"])  # a plain checkpoint
+    evaluated = json.loads((finished / "eval_treepo" / "stage.json").read_text())
+    assert evaluated["model"] == rl["model"]
+    assert json.loads((finished / "eval_treepo" / "greedy_metrics.json").read_text())["problems"] == 12
+    figures = json.loads((finished / "report" / "report.json").read_text())
+    assert figures["arms"] == {"after": "after Step-DPO", "treepo": "after TreePO RL"}
+    assert all(0.0 <= entry["treepo"] <= 1.0 for entry in figures["table"].values())
+    report = (finished / "report" / "report.md").read_text()
+    assert "| metric | before | after Step-DPO | after TreePO RL |" in report and "## Online arm: TreePO RL" in report
 
 
 @pytest.mark.slow
@@ -128,7 +149,7 @@ def test_the_f1_is_against_the_exact_checker(finished: Path):
 
 @pytest.mark.slow
 def test_a_rerun_resumes_at_the_missing_stage(finished: Path):
-    kept = {stage: (finished / stage / "stage.json").read_text() for stage in ("trees", "step_dpo", "eval_after")}
+    kept = {stage: (finished / stage / "stage.json").read_text() for stage in ("trees", "treepo", "step_dpo", "eval_after")}
     (finished / "report" / "stage.json").unlink()
     (finished / "report" / "report.md").unlink()
     done = run_main(finished)

