@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from treetune.rollouts.engines import VLLMEngine, VLLMServerPool
 from treetune.rollouts.engines.weights import remove_folder, sync_folder, write_folder
 
 
@@ -98,8 +99,6 @@ class TimedSync:
 def trl_engine(trainer):
     """A treetune engine over TRL's own vLLM: the colocated `LLM` of this rank, or the `vllm serve`
     server TRL syncs over NCCL (reached here through its OpenAI API, one URL)."""
-    from treetune.rollouts.engines import VLLMEngine, VLLMServerPool
-
     args = trainer.args
     if args.vllm_mode == "colocate":
         return VLLMEngine.from_llm(trainer.vllm_generation.llm, trainer.model.config._name_or_path)
