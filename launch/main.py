@@ -106,6 +106,9 @@ class MainArgs:
         "help": "Optimizer steps of the online arm (TreePO RL with configs/treepo/arith.yaml: 16 trees of 8 leaves a "
                 "step, subgroup advantages), from the starting policy, evaluated like the Step-DPO arm; 0: no online arm."})
     rl_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the online arm."})
+    rl_trees_per_step: int = field(default=16, metadata={
+        "help": "Prompts (one tree each) per optimizer step of the online arm, in two micro-batches."})
+    rl_generations: int = field(default=8, metadata={"help": "Finished leaves per tree (GRPO's G) of the online arm."})
     rl_sampler: str = field(default="treepo", metadata={
         "help": "How the online arm grows rollouts: treepo (segment trees) or flat (plain GRPO sampling)."})
     rl_advantage: str = field(default="subgroup", metadata={
@@ -338,8 +341,16 @@ def _rl_argv(p: Pipeline) -> list[str]:
     return ["--config", str(recipe_path(RL_RECIPE)), "--output_dir", str(p.dir("treepo") / "model"),
             "--model_name_or_path", p.state["policy"]["model"], "--prompt_style", _style(p),
             "--max_steps", str(a.rl_steps), "--learning_rate", str(a.rl_learning_rate), "--sampler", a.rl_sampler,
+            "--num_generations", str(a.rl_generations), "--gradient_accumulation_steps", "2",
+            "--per_device_train_batch_size", str(_half(a.rl_trees_per_step * a.rl_generations)),
             "--advantage", a.rl_advantage, "--max_completion_length", str(a.max_tokens), "--seed", str(a.seed),
             "--eval_problems", "0", "--report_to", a.report_to, "--disable_tqdm", "false"]
+
+
+def _half(rows: int) -> int:
+    if rows % 2:
+        raise ValueError(f"--rl_trees_per_step x --rl_generations = {rows} rows a step must be even (two micro-batches)")
+    return rows // 2
 
 
 def _treepo(p: Pipeline) -> dict:

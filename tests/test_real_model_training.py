@@ -226,11 +226,14 @@ def test_main_job_on_smollm2(tmp_path, smollm2_path, smol_tokenizer):
     argv = ["--config", "configs/main/arith.yaml", "--output_dir", str(out), "--model_name_or_path", smollm2_path,
             "--eval_problems", "1", "--bon_problems", "1", "--n", "2", "--train_problems", "1", "--trajectories", "4",
             "--segment_tokens", "16", "--max_depth", "4", "--max_tokens", "64", "--prm_trees", "1", "--prm_k", "1",
-            "--prm_epochs", "1", "--prm_fusion", "false", "--pair_margin", "0", "--dpo_batch_size", "2"]
+            "--prm_epochs", "1", "--prm_fusion", "false", "--pair_margin", "0", "--dpo_batch_size", "2",
+            "--rl_steps", "1", "--rl_trees_per_step", "1", "--rl_generations", "2"]
     done = subprocess.run([sys.executable, "launch/main.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
-    stages = {s: read_json(out / s / "stage.json") for s in ("policy", "eval_before", "trees", "prm_labels", "prm",
-                                                                "pairs", "step_dpo", "eval_after", "report")}
+    stages = {s: read_json(out / s / "stage.json") for s in ("policy", "eval_before", "trees", "prm_labels", "treepo",
+                                                                "eval_treepo", "prm", "pairs", "step_dpo", "eval_after",
+                                                                "report")}
+    assert stages["treepo"]["steps"] == 1 and stages["treepo"]["trees"] == 1 and "--prompt_style chat" in stages["treepo"]["command"]
     assert stages["policy"]["prompt_style"] == "chat"
     im_start = smol_tokenizer.convert_tokens_to_ids("<|im_start|>")
     for folder in ("eval_before", "trees", "eval_after"):
