@@ -38,6 +38,7 @@ from treetune.rollouts.run import (
     redefault,
 )
 from treetune.rollouts.scoring import ScorerArgs
+from treetune.rollouts.tree_io import read_trees
 from treetune.trainers.common import parse_config, setup_logging
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,12 @@ def sample(args: BestOfNArgs, engine, problems: list[Problem], template: PromptT
         close_scorer(owned)
 
 
+def sampled_already(trees: Path, problems: Sequence[Problem]) -> bool:
+    """Every problem has its tree in `trees` (a rerun then starts no engine: an engine start is
+    tens of seconds on a CPU)."""
+    return trees.is_dir() and {p.id for p in problems} <= {t.problem_id for t in read_trees(trees)}
+
+
 def run(args: BestOfNArgs, engine=None) -> dict:
     """Sample (unless `trees_path` names trees already grown), optionally decode greedily, evaluate.
     Samples resume from disk; a finished greedy pass is not redone. `engine`: one already serving the
@@ -129,7 +136,8 @@ def run(args: BestOfNArgs, engine=None) -> dict:
     out = Path(args.output_dir)
     greedy_file = out / "greedy_metrics.json"
     needs_scorer = args.generation != "flat" or reads_prm_scores(args.selector_names)
-    needs_engine = not args.trees_path or (args.greedy_limit and not greedy_file.exists()) or \
+    to_sample = not args.trees_path and not sampled_already(out / "trees", problems)
+    needs_engine = to_sample or (args.greedy_limit and not greedy_file.exists()) or \
         (needs_scorer and args.scorer == "self_eval")
     owned = engine is None
     scorer = None
@@ -147,7 +155,7 @@ def run(args: BestOfNArgs, engine=None) -> dict:
                     greedy, rows = greedy_eval(engine, engine.tokenizer, greedy_problems, template,
                                                max_tokens=args.max_tokens, grader=grader)
                     write_eval(out, greedy, rows)
-                if not args.trees_path:
+                if to_sample:
                     sample(args, engine, problems, template, grader, scorer)
             metrics = evaluate_trees(args, problems, grader, scorer)
         finally:

@@ -24,9 +24,10 @@ def tiny_policy_path() -> str:
     return tiny_policy()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine(tiny_policy_path):
-    """The tiny policy in vLLM, one per test module (a module may override it, e.g. with HFEngine)."""
+    """The tiny policy in vLLM, one for the whole session (an engine start is tens of seconds on a
+    CPU). Modules that change its weights override it with their own, as test_treepo_rl does."""
     from treetune.rollouts.engines import VLLMEngine
 
     with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:

@@ -16,8 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "treepo" / "arith.yaml"
 
 # a short arith run: 8 trees of G = 8 leaves a step, one generation per optimizer step
+# the 2-process runs roll out on HF engines: vLLM on two ranks of two cores costs minutes, and its
+# in-place sync is proven by the single-process tests
+ENGINE = "hf"
+
 SMALL = ["--limit", "256", "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "2",
          "--max_completion_length", "96", "--eval_problems", "0", "--disable_tqdm", "true", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_policy_path):
+    """An engine of this module's own: every run here leaves its trained weights in it."""
+    from treetune.rollouts.engines import VLLMEngine
+
+    with VLLMEngine(tiny_policy_path, kv_cache_gb=0.25) as engine:
+        yield engine
 
 
 def parse(argv):
@@ -163,7 +176,7 @@ def test_two_processes(tmp_path, accelerate_config):
     out = tmp_path / accelerate_config
     command = launch_command(ROOT / "configs" / "accelerate" / f"{accelerate_config}.yaml", [
         str(ROOT / "launch" / "treepo.py"), "--config", str(RECIPE), "--output_dir", str(out), *SMALL,
-        "--per_device_train_batch_size", "16", "--max_steps", "2", "--kv_cache_gb", "0.25"], num_processes=2)
+        "--per_device_train_batch_size", "16", "--max_steps", "2", "--engine", ENGINE], num_processes=2)
     env = dict(os.environ, TREETUNE_LOG="WARNING", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1500)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
@@ -184,6 +197,9 @@ def test_a_few_steps_on_the_real_model(tmp_path, smollm2_path, smollm2_engine):
         "--num_generations", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
         "--max_completion_length", "32", "--segment_tokens", "8", "--max_steps", "2", "--eval_problems", "0",
         "--output_dir", str(tmp_path / "smol"), "--disable_tqdm", "true"])
-    metrics = run_treepo(args, config, model_args, engine=smollm2_engine)
+    try:
+        metrics = run_treepo(args, config, model_args, engine=smollm2_engine)
+    finally:  # the session's engine serves SmolLM2 as shipped to the tests after this one
+        smollm2_engine.update_weights(folder=smollm2_path)
     assert metrics["prompt_style"] == "chat" and metrics["steps"] == 2 and metrics["trees"] == 4
     assert metrics["syncs"] >= 3

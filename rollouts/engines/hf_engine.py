@@ -8,6 +8,7 @@ temperature and top-p, as vLLM's `processed_logprobs`) and a finish reason.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from treetune.rollouts.engines.base import (
     Completion,
@@ -22,6 +23,20 @@ from treetune.rollouts.engines.base import (
 from treetune.rollouts.engines.weights import read_folder
 
 
+@contextmanager
+def _whole_model():
+    """Load a full copy even inside a ZeRO-3 run: transformers otherwise partitions every model it
+    builds once a trainer's DeepSpeed config is registered, and the engine would hold empty shards."""
+    from transformers.integrations import deepspeed
+
+    saved = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 class HFEngine:
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None):
         import torch
@@ -29,7 +44,9 @@ class HFEngine:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, resolve_dtype(dtype))).to(self.device).eval()
+        with _whole_model():
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, resolve_dtype(dtype)))
+        self.model = self.model.to(self.device).eval()
         self.eos_ids = {self.tokenizer.eos_token_id} | set(
             i for i in ([self.model.generation_config.eos_token_id] if isinstance(self.model.generation_config.eos_token_id, int)
                         else (self.model.generation_config.eos_token_id or [])) if i is not None)
@@ -59,6 +76,7 @@ class HFEngine:
                 max_new_tokens=room,
                 output_scores=True,
                 return_dict_in_generate=True,
+                synced_gpus=False,  # a whole copy per rank: under ZeRO-3 generate() would otherwise wait on the others
                 eos_token_id=sorted(self.eos_ids),
                 pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
                 stop_strings=list(s.stop) or None,
