@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from treetune.data.cache import build_once, cache_root
@@ -151,3 +153,19 @@ def random_qwen(arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2
         GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
 
     return str(build_once(root / f"random-{arch}-{key}", build))
+
+
+@contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """`from_pretrained` inside builds a whole model even in a ZeRO-3 run. Once a trainer has
+    registered its DeepSpeed config, transformers builds every model under `zero.Init` (partitioned
+    over ranks, and a collective that waits for all of them); a rollout engine's own copy, or a
+    merge on the main process alone, must not be."""
+    from transformers.integrations import deepspeed
+
+    hook = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = hook

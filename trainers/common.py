@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from treetune.data.arith import tiny_policy
+from treetune.data.pretrained import whole_model_loading
 from treetune.rollouts.engines.base import native_bf16
 from treetune.trainers.distributed import enable_cpu_distributed
 
@@ -371,16 +372,10 @@ def _merge_adapter(adapter_dir: Path, output_dir: Path) -> None:
     (a collective that would wait forever for the other ranks); ZeRO-3's hook is lifted meanwhile.
     """
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForTokenClassification
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     task = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
     loader = AutoPeftModelForTokenClassification if task == "TOKEN_CLS" else AutoPeftModelForCausalLM
-    hook = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
+    with whole_model_loading():
         merged = loader.from_pretrained(str(adapter_dir), dtype="auto").merge_and_unload()
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = hook
     merged.save_pretrained(str(output_dir))
 
 

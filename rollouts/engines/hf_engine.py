@@ -8,8 +8,8 @@ temperature and top-p, as vLLM's `processed_logprobs`) and a finish reason.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 
+from treetune.data.pretrained import whole_model_loading
 from treetune.rollouts.engines.base import (
     Completion,
     EngineCounters,
@@ -23,20 +23,6 @@ from treetune.rollouts.engines.base import (
 from treetune.rollouts.engines.weights import read_folder
 
 
-@contextmanager
-def _whole_model():
-    """Load a full copy even inside a ZeRO-3 run: transformers otherwise partitions every model it
-    builds once a trainer's DeepSpeed config is registered, and the engine would hold empty shards."""
-    from transformers.integrations import deepspeed
-
-    saved = deepspeed._hf_deepspeed_config_weak_ref
-    deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 class HFEngine:
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None):
         import torch
@@ -44,7 +30,7 @@ class HFEngine:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        with _whole_model():
+        with whole_model_loading():  # a whole copy per rank, even under ZeRO-3
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, resolve_dtype(dtype)))
         self.model = self.model.to(self.device).eval()
         self.eos_ids = {self.tokenizer.eos_token_id} | set(
